@@ -1,2 +1,53 @@
-#![forbid(unsafe_code)]
-//! tern-format (in progress)
+//! tern-format: the `.tern` file format (see `docs/format.md`, which is normative).
+//!
+//! - [`Writer`] streams tensors one at a time into a temporary file and renames it into
+//!   place only when everything was written and synced.
+//! - [`TernFile`] memory-maps a file and validates its header, metadata and tensor
+//!   directory before handing out zero-copy views of tensor bytes. [`parse`] does the same
+//!   validation on any byte slice and never panics.
+//! - [`tq2`] encodes and decodes the 2-bit ternary layout the kernels consume.
+#![deny(unsafe_code)]
+
+mod config;
+mod error;
+mod layout;
+mod reader;
+pub mod tq2;
+mod writer;
+
+pub use config::{
+    expected_tensors, Activation, Architecture, Metadata, ModelConfig, Provenance, RopeStyle,
+    ScaleConvention, SourceFile, TensorRole,
+};
+pub use error::{Error, Problem, TensorProblem};
+pub use layout::Layout;
+pub use reader::{parse, ChecksumMismatch, Parsed, TensorInfo, TernFile};
+pub use writer::{TensorSpec, Writer};
+
+/// The 8 magic bytes every `.tern` file starts with.
+pub const MAGIC: [u8; 8] = *b"TERN\r\n\x1a\n";
+/// Major version this crate reads and writes; files with another major are rejected.
+pub const MAJOR: u16 = 1;
+/// Minor version this crate writes; files with a higher minor are accepted.
+pub const MINOR: u16 = 0;
+/// Alignment of tensor data written by this crate.
+pub const ALIGNMENT: u32 = 64;
+/// Size of the fixed header.
+pub const HEADER_LEN: usize = 64;
+
+/// Limits a reader enforces before allocating anything.
+pub mod limits {
+    pub const MAX_META_LEN: u64 = 16 << 20;
+    pub const MAX_TOKENIZER_LEN: u64 = 256 << 20;
+    pub const MAX_TENSORS: u32 = 65536;
+    pub const MAX_NAME_LEN: usize = 256;
+    pub const MAX_NDIM: u8 = 4;
+    pub const MAX_DIM: u64 = 1 << 32;
+    pub const MIN_ALIGNMENT: u32 = 8;
+    pub const MAX_ALIGNMENT: u32 = 65536;
+}
+
+/// XXH3-64 (seed 0), the checksum of every tensor and of the header prefix.
+pub fn checksum(bytes: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(bytes)
+}

@@ -1,0 +1,258 @@
+use std::fs::{self, File};
+use std::io::{BufWriter, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use crate::{checksum, Error, Layout, Metadata, ALIGNMENT, HEADER_LEN, MAGIC, MAJOR, MINOR};
+
+/// A tensor the writer will be given, declared up front so the whole file layout (and so
+/// the directory, which precedes the data) is known before any data is written.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorSpec {
+    pub name: String,
+    pub layout: Layout,
+    pub shape: Vec<u64>,
+}
+
+struct Slot {
+    spec: TensorSpec,
+    offset: u64,
+    byte_len: u64,
+    scale: f32,
+    checksum: u64,
+}
+
+/// Streams a `.tern` file: declare the tensors, write each one's bytes in order, then
+/// [`Writer::finish`]. Data goes to a temporary file beside the target, which is synced
+/// and renamed over the target only by `finish`; dropping an unfinished writer deletes it.
+pub struct Writer {
+    out: Option<BufWriter<File>>,
+    tmp_path: PathBuf,
+    path: PathBuf,
+    prefix: Vec<u8>,
+    dir_offset: u64,
+    slots: Vec<Slot>,
+    next: usize,
+    pos: u64,
+}
+
+impl Writer {
+    /// Creates the temporary file and writes header, metadata, tokenizer and a placeholder
+    /// directory. Tensors must then be written in the order of `tensors`.
+    pub fn create(
+        path: &Path,
+        metadata: &Metadata,
+        tokenizer_json: &[u8],
+        tensors: Vec<TensorSpec>,
+    ) -> Result<Writer, Error> {
+        let invalid = |problem: String| Error::Write {
+            path: path.to_path_buf(),
+            problem,
+        };
+        let meta = serde_json::to_vec_pretty(metadata).map_err(|e| invalid(e.to_string()))?;
+        let mut seen = std::collections::HashSet::new();
+        let mut dir_len = 8u64 + 8; // count + reserved, trailing checksum
+        for t in &tensors {
+            if !seen.insert(t.name.as_str()) {
+                return Err(invalid(format!("tensor {:?} declared twice", t.name)));
+            }
+            if t.name.is_empty() || t.name.len() > crate::limits::MAX_NAME_LEN {
+                return Err(invalid(format!("tensor name {:?} is too long", t.name)));
+            }
+            if t.shape.is_empty() || t.shape.len() > crate::limits::MAX_NDIM as usize {
+                return Err(invalid(format!("tensor {:?}: bad rank", t.name)));
+            }
+            dir_len += 2 + t.name.len() as u64 + 2 + 1 + 8 * t.shape.len() as u64 + 8 + 8 + 4 + 8;
+        }
+        let meta_offset = HEADER_LEN as u64;
+        let tok_offset = meta_offset + meta.len() as u64;
+        let dir_offset = tok_offset + tokenizer_json.len() as u64;
+        let mut pos = dir_offset + dir_len;
+        let mut slots = Vec::with_capacity(tensors.len());
+        for spec in tensors {
+            let byte_len = spec
+                .layout
+                .byte_len(&spec.shape)
+                .map_err(|p| invalid(format!("tensor {:?}: {p}", spec.name)))?;
+            let offset = pos.next_multiple_of(u64::from(ALIGNMENT));
+            pos = offset + byte_len;
+            slots.push(Slot {
+                spec,
+                offset,
+                byte_len,
+                scale: 1.0,
+                checksum: 0,
+            });
+        }
+
+        let mut prefix = Vec::with_capacity(HEADER_LEN + meta.len() + tokenizer_json.len());
+        prefix.extend_from_slice(&MAGIC);
+        prefix.extend_from_slice(&MAJOR.to_le_bytes());
+        prefix.extend_from_slice(&MINOR.to_le_bytes());
+        prefix.extend_from_slice(&ALIGNMENT.to_le_bytes());
+        for v in [
+            meta_offset,
+            meta.len() as u64,
+            tok_offset,
+            tokenizer_json.len() as u64,
+            dir_offset,
+            dir_len,
+        ] {
+            prefix.extend_from_slice(&v.to_le_bytes());
+        }
+        prefix.extend_from_slice(&meta);
+        prefix.extend_from_slice(tokenizer_json);
+
+        let file_name = path
+            .file_name()
+            .ok_or_else(|| invalid("output path has no file name".into()))?;
+        let mut tmp_name = std::ffi::OsString::from(".");
+        tmp_name.push(file_name);
+        tmp_name.push(format!(".{}.tmp", std::process::id()));
+        let tmp_path = path.with_file_name(tmp_name);
+        let io = |source| Error::Io {
+            path: tmp_path.clone(),
+            source,
+        };
+        let file = File::create(&tmp_path).map_err(io)?;
+        let mut writer = Writer {
+            out: Some(BufWriter::with_capacity(1 << 20, file)),
+            tmp_path: tmp_path.clone(),
+            path: path.to_path_buf(),
+            prefix,
+            dir_offset,
+            slots,
+            next: 0,
+            pos: 0,
+        };
+        let prefix = std::mem::take(&mut writer.prefix);
+        writer.write_all(&prefix)?;
+        writer.write_zeros(dir_len)?;
+        writer.prefix = prefix;
+        Ok(writer)
+    }
+
+    /// The name of the tensor `write_tensor` expects next, if any.
+    pub fn next_name(&self) -> Option<&str> {
+        self.slots.get(self.next).map(|s| s.spec.name.as_str())
+    }
+
+    /// Writes the next tensor's bytes and its scale (true value = scale × stored value;
+    /// exactly 1.0 for float layouts).
+    pub fn write_tensor(&mut self, name: &str, scale: f32, data: &[u8]) -> Result<(), Error> {
+        let Some(slot) = self.slots.get(self.next) else {
+            return Err(self.fail(format!("tensor {name:?} was not declared")));
+        };
+        if slot.spec.name != name {
+            let expected = slot.spec.name.clone();
+            return Err(self.fail(format!("tensor {name:?} written where {expected:?} was declared")));
+        }
+        if data.len() as u64 != slot.byte_len {
+            let expected = slot.byte_len;
+            return Err(self.fail(format!(
+                "tensor {name:?} has {} bytes, its layout and shape need {expected}",
+                data.len()
+            )));
+        }
+        let float = slot.spec.layout.is_float();
+        if !(scale.is_finite() && scale > 0.0) || (float && scale != 1.0) {
+            return Err(self.fail(format!("tensor {name:?}: invalid scale {scale}")));
+        }
+        let (offset, pad) = (slot.offset, slot.offset - self.pos);
+        self.write_zeros(pad)?;
+        debug_assert_eq!(self.pos, offset);
+        self.write_all(data)?;
+        let slot = &mut self.slots[self.next];
+        slot.scale = scale;
+        slot.checksum = checksum(data);
+        self.next += 1;
+        Ok(())
+    }
+
+    /// Writes the directory and header checksum, syncs, and renames the file into place.
+    pub fn finish(mut self) -> Result<(), Error> {
+        if let Some(slot) = self.slots.get(self.next) {
+            let name = slot.spec.name.clone();
+            return Err(self.fail(format!("tensor {name:?} was never written")));
+        }
+        let mut dir = Vec::new();
+        dir.extend_from_slice(&(self.slots.len() as u32).to_le_bytes());
+        dir.extend_from_slice(&0u32.to_le_bytes());
+        for s in &self.slots {
+            dir.extend_from_slice(&(s.spec.name.len() as u16).to_le_bytes());
+            dir.extend_from_slice(s.spec.name.as_bytes());
+            dir.extend_from_slice(&s.spec.layout.id().to_le_bytes());
+            dir.push(s.spec.shape.len() as u8);
+            for d in &s.spec.shape {
+                dir.extend_from_slice(&d.to_le_bytes());
+            }
+            dir.extend_from_slice(&s.offset.to_le_bytes());
+            dir.extend_from_slice(&s.byte_len.to_le_bytes());
+            dir.extend_from_slice(&s.scale.to_le_bytes());
+            dir.extend_from_slice(&s.checksum.to_le_bytes());
+        }
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        hasher.update(&self.prefix);
+        hasher.update(&dir);
+        dir.extend_from_slice(&hasher.digest().to_le_bytes());
+
+        let tmp = self.tmp_path.clone();
+        let io = |source| Error::Io {
+            path: tmp.clone(),
+            source,
+        };
+        let out = self.out.take().expect("writer used after finish");
+        let mut file = out.into_inner().map_err(|e| io(e.into_error()))?;
+        file.seek(SeekFrom::Start(self.dir_offset)).map_err(io)?;
+        file.write_all(&dir).map_err(io)?;
+        file.sync_all().map_err(io)?;
+        drop(file);
+        fs::rename(&self.tmp_path, &self.path).map_err(|source| Error::Io {
+            path: self.path.clone(),
+            source,
+        })?;
+        // Make the rename durable too.
+        if let Some(parent) = self.path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            if let Ok(d) = File::open(parent) {
+                let _ = d.sync_all();
+            }
+        }
+        self.tmp_path = PathBuf::new(); // nothing left to clean up
+        Ok(())
+    }
+
+    fn write_all(&mut self, bytes: &[u8]) -> Result<(), Error> {
+        let out = self.out.as_mut().expect("writer used after finish");
+        out.write_all(bytes).map_err(|source| Error::Io {
+            path: self.tmp_path.clone(),
+            source,
+        })?;
+        self.pos += bytes.len() as u64;
+        Ok(())
+    }
+
+    fn write_zeros(&mut self, mut n: u64) -> Result<(), Error> {
+        const ZEROS: [u8; 4096] = [0; 4096];
+        while n > 0 {
+            let k = n.min(ZEROS.len() as u64);
+            self.write_all(&ZEROS[..k as usize])?;
+            n -= k;
+        }
+        Ok(())
+    }
+
+    fn fail(&self, problem: String) -> Error {
+        Error::Write {
+            path: self.path.clone(),
+            problem,
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        if !self.tmp_path.as_os_str().is_empty() {
+            self.out = None;
+            let _ = fs::remove_file(&self.tmp_path);
+        }
+    }
+}
