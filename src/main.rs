@@ -1,1 +1,53 @@
-fn main() {}
+//! `tern`: convert, inspect, verify and run ternary (BitNet b1.58) language models.
+#![forbid(unsafe_code)]
+
+mod cmd;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "tern",
+    version,
+    about = "Ternary (BitNet b1.58) language models on the CPU"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Convert a Hugging Face BitNet b1.58 checkpoint (folder or cached repo id) to .tern
+    Convert(cmd::convert::Args),
+    /// Show what a .tern file holds; --check verifies every checksum
+    Inspect(cmd::inspect::Args),
+}
+
+/// Exit codes: 0 success, 1 a check failed (damaged file, verification mismatch), 2 error.
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Convert(args) => cmd::convert::run(args),
+        Command::Inspect(args) => cmd::inspect::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            if is_broken_pipe(&err) {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}

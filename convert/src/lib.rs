@@ -1,2 +1,324 @@
+//! tern-convert: Hugging Face BitNet b1.58 checkpoints to `.tern` files.
+//!
+//! The conversion streams: tensors are read one at a time with positioned reads (large
+//! float tensors in chunks), transformed, and handed to the `.tern` writer, which writes
+//! to a temporary file and renames it only when everything succeeded.
 #![forbid(unsafe_code)]
-//! tern-convert (in progress)
+
+pub mod compare;
+mod error;
+pub mod family;
+pub mod hub;
+pub mod source;
+pub mod ternary;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use rayon::prelude::*;
+use safetensors::Dtype;
+use sha2::{Digest, Sha256};
+use tern_format::{Layout, Metadata, Provenance, SourceFile, TensorRole, TensorSpec, Writer};
+
+pub use error::{ConvertError, Result};
+pub use family::Family;
+pub use source::Checkpoint;
+
+/// The converter's name and version, recorded in every file's provenance.
+pub const CONVERTER: &str = concat!("tern-convert ", env!("CARGO_PKG_VERSION"));
+
+/// Options of [`convert`].
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Use this family instead of detecting it.
+    pub family: Option<Family>,
+    /// Turn warnings (all −1 packed tensors, all-zero float tensors, assumed config
+    /// defaults) into errors.
+    pub strict: bool,
+    /// Overwrite an existing output file.
+    pub force: bool,
+}
+
+/// What a conversion did.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Report {
+    pub source: PathBuf,
+    pub output: PathBuf,
+    pub family: &'static str,
+    pub tensors: usize,
+    pub input_bytes: u64,
+    pub output_bytes: u64,
+    pub seconds: f64,
+    pub warnings: Vec<String>,
+}
+
+/// A conversion plan: the opened source, its family, config and tensor sources.
+pub struct Prepared {
+    pub checkpoint: Checkpoint,
+    pub family: Family,
+    pub metadata: Metadata,
+    pub plan: Vec<family::Planned>,
+    pub warnings: Vec<String>,
+}
+
+/// Opens a checkpoint folder, detects its family, normalizes its config and maps every
+/// output tensor to its source. Reads no tensor data.
+pub fn prepare(source: &Path, family: Option<Family>) -> Result<Prepared> {
+    let checkpoint = Checkpoint::open(source)?;
+    let family = match family {
+        Some(f) => f,
+        None => family::detect(&checkpoint)?,
+    };
+    let mut warnings = Vec::new();
+    let config = family::normalize_config(&checkpoint, family, &mut warnings)?;
+    let plan = family::plan(&checkpoint, family, &config)?;
+    if checkpoint.tokenizer_json.is_none() {
+        warnings.push(format!(
+            "{}: no tokenizer.json: the file will not be able to tokenize text",
+            source.display()
+        ));
+    }
+    let metadata = Metadata {
+        config,
+        chat_template: family::chat_template(&checkpoint),
+        provenance: Provenance {
+            source_family: family.name().to_string(),
+            scale_convention: family.scale_convention(),
+            source_files: Vec::new(),
+            converter: CONVERTER.to_string(),
+        },
+    };
+    Ok(Prepared {
+        checkpoint,
+        family,
+        metadata,
+        plan,
+        warnings,
+    })
+}
+
+/// Converts the checkpoint folder `source` to the `.tern` file `output`. `progress` is
+/// called with (bytes of source tensors done, total).
+pub fn convert(
+    source: &Path,
+    output: &Path,
+    options: &Options,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<Report> {
+    let start = Instant::now();
+    if output.exists() && !options.force {
+        return Err(ConvertError::OutputExists(output.to_path_buf()));
+    }
+    let Prepared {
+        checkpoint: ck,
+        family,
+        mut metadata,
+        plan,
+        mut warnings,
+    } = prepare(source, options.family)?;
+
+    let mut specs = Vec::with_capacity(plan.len());
+    let mut total = 0u64;
+    for p in &plan {
+        let src = ck.get(p.origin.src()).expect("planned tensors exist");
+        total += src.len;
+        specs.push(TensorSpec {
+            name: p.name.clone(),
+            layout: output_layout(&ck, p, src)?,
+            shape: p.shape.clone(),
+        });
+    }
+    metadata.provenance.source_files = hash_files(&ck)?;
+    let tokenizer = ck.tokenizer_json.as_deref().unwrap_or_default();
+    let mut writer = Writer::create(output, &metadata, tokenizer, specs.clone())?;
+
+    let mut done = 0u64;
+    progress(0, total);
+    for (p, spec) in plan.iter().zip(&specs) {
+        let src = ck.get(p.origin.src()).expect("planned tensors exist");
+        match &p.origin {
+            family::Origin::Float { .. } => {
+                copy_float(&ck, src, &p.name, &mut writer, &mut warnings)?;
+            }
+            family::Origin::Packed { scale, .. } => {
+                let scale_src = ck.get(scale).expect("planned tensors exist");
+                let scale = ternary::normalized_scale(
+                    &ck.read(scale_src)?,
+                    scale_src.dtype,
+                    family.scale_convention(),
+                )
+                .map_err(|e| ck.tensor_error(scale_src, e))?;
+                let packed = ck.read(src)?;
+                let (rows, cols) = (p.shape[0] as usize, p.shape[1] as usize);
+                if packed.iter().all(|&b| b == 0) {
+                    warnings.push(format!(
+                        "{}: packed tensor is all 0x00, i.e. every weight is −1 (a zeroed upload?)",
+                        src.name
+                    ));
+                }
+                let tq = ternary::packed_to_tq2(&packed, rows, cols).map_err(|(r, c)| {
+                    ck.tensor_error(
+                        src,
+                        format!("invalid code 3 for output row {r}, column {c}"),
+                    )
+                })?;
+                writer.write_tensor(&spec.name, scale, &tq)?;
+            }
+            family::Origin::Masters { .. } => {
+                let w = ternary::to_f32(&ck.read(src)?, src.dtype)
+                    .map_err(|e| ck.tensor_error(src, e))?;
+                if w.iter().all(|&x| x == 0.0) {
+                    warnings.push(format!("{}: master weights are all zero", src.name));
+                }
+                let (tq, scale) =
+                    ternary::ternarize_masters(&w, p.shape[0] as usize, p.shape[1] as usize);
+                writer.write_tensor(&spec.name, scale, &tq)?;
+            }
+        }
+        done += src.len;
+        progress(done, total);
+    }
+    if options.strict && !warnings.is_empty() {
+        return Err(ConvertError::Strict(warnings)); // dropping the writer removes its file
+    }
+    writer.finish()?;
+    let output_bytes = std::fs::metadata(output).map_err(error::io(output))?.len();
+    Ok(Report {
+        source: source.to_path_buf(),
+        output: output.to_path_buf(),
+        family: family.name(),
+        tensors: plan.len(),
+        input_bytes: total,
+        output_bytes,
+        seconds: start.elapsed().as_secs_f64(),
+        warnings,
+    })
+}
+
+/// The `.tern` layout of a planned tensor, after checking the source's dtype and shape.
+fn output_layout(
+    ck: &Checkpoint,
+    p: &family::Planned,
+    src: &source::SourceTensor,
+) -> Result<Layout> {
+    let shape_error = |expected: Vec<u64>| {
+        ck.tensor_error(
+            src,
+            format!("shape {:?}, the config requires {expected:?}", src.shape),
+        )
+    };
+    match (&p.origin, p.role) {
+        (family::Origin::Float { .. }, _) => {
+            if src.shape != p.shape {
+                return Err(shape_error(p.shape.clone()));
+            }
+            match src.dtype {
+                Dtype::F32 => Ok(Layout::F32),
+                Dtype::F16 => Ok(Layout::F16),
+                Dtype::BF16 => Ok(Layout::Bf16),
+                other => {
+                    Err(ck.tensor_error(src, format!("dtype {other:?}, expected BF16, F16 or F32")))
+                }
+            }
+        }
+        (family::Origin::Packed { .. }, TensorRole::Ternary) => {
+            let (out, cols) = (p.shape[0], p.shape[1]);
+            if out % 4 != 0 {
+                return Err(ck.tensor_error(
+                    src,
+                    format!(
+                        "{out} output features is not a multiple of 4, which packed weights need"
+                    ),
+                ));
+            }
+            if src.dtype != Dtype::U8 {
+                return Err(
+                    ck.tensor_error(src, format!("dtype {:?}, packed weights are U8", src.dtype))
+                );
+            }
+            if src.shape != [out / 4, cols] {
+                return Err(shape_error(vec![out / 4, cols]));
+            }
+            Ok(Layout::Tq2)
+        }
+        (family::Origin::Masters { .. }, TensorRole::Ternary) => {
+            if src.shape != p.shape {
+                return Err(shape_error(p.shape.clone()));
+            }
+            if !matches!(src.dtype, Dtype::BF16 | Dtype::F16 | Dtype::F32) {
+                return Err(ck.tensor_error(
+                    src,
+                    format!("dtype {:?}, master weights are floats", src.dtype),
+                ));
+            }
+            Ok(Layout::Tq2)
+        }
+        _ => unreachable!("planned origins match roles"),
+    }
+}
+
+/// Copies a float tensor in its stored precision, in chunks, rejecting NaN/inf.
+fn copy_float(
+    ck: &Checkpoint,
+    src: &source::SourceTensor,
+    name: &str,
+    writer: &mut Writer,
+    warnings: &mut Vec<String>,
+) -> Result<()> {
+    const CHUNK: u64 = 16 << 20;
+    writer.begin_tensor(name, 1.0)?;
+    let elem = src.dtype.size() as u64;
+    let mut buf = vec![0u8; CHUNK.min(src.len) as usize];
+    let mut all_zero = true;
+    let mut offset = 0;
+    while offset < src.len {
+        let n = CHUNK.min(src.len - offset) as usize;
+        let chunk = &mut buf[..n];
+        ck.read_range(src, offset, chunk)?;
+        let scan = ternary::scan_floats(chunk, src.dtype);
+        if let Some(i) = scan.non_finite {
+            return Err(ck.tensor_error(
+                src,
+                format!("element {} is NaN or infinite", offset / elem + i),
+            ));
+        }
+        all_zero &= scan.all_zero;
+        writer.write_chunk(chunk)?;
+        offset += n as u64;
+    }
+    writer.end_tensor()?;
+    if all_zero {
+        warnings.push(format!("{}: tensor is all zero", src.name));
+    }
+    Ok(())
+}
+
+/// sha256 of every source file, in parallel.
+fn hash_files(ck: &Checkpoint) -> Result<Vec<SourceFile>> {
+    ck.source_files()
+        .par_iter()
+        .map(|path| {
+            use std::io::Read;
+            let mut f = std::fs::File::open(path).map_err(error::io(path))?;
+            let mut hasher = Sha256::new();
+            let mut buf = vec![0u8; 4 << 20];
+            let mut bytes = 0u64;
+            loop {
+                let n = f.read(&mut buf).map_err(error::io(path))?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                bytes += n as u64;
+            }
+            let name = path
+                .file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+            Ok(SourceFile {
+                name,
+                bytes,
+                sha256: format!("{:x}", hasher.finalize()),
+            })
+        })
+        .collect()
+}

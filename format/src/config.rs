@@ -124,7 +124,10 @@ impl ModelConfig {
             return Err(format!("head_dim {} is odd", self.head_dim));
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
-            return Err(format!("rms_norm_eps {} is not positive", self.rms_norm_eps));
+            return Err(format!(
+                "rms_norm_eps {} is not positive",
+                self.rms_norm_eps
+            ));
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
             return Err(format!("rope_theta {} is not positive", self.rope_theta));
@@ -176,18 +179,46 @@ impl TensorRole {
 pub fn expected_tensors(c: &ModelConfig) -> Vec<(String, Vec<u64>, TensorRole)> {
     use TensorRole::*;
     let (h, i, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
-    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, h], Embedding)];
+    let mut out = vec![(
+        "model.embed_tokens.weight".to_string(),
+        vec![v, h],
+        Embedding,
+    )];
     for l in 0..c.num_hidden_layers {
         let p = format!("model.layers.{l}");
         out.push((format!("{p}.input_layernorm.weight"), vec![h], Norm));
-        out.push((format!("{p}.self_attn.q_proj.weight"), vec![c.attn_dim(), h], Ternary));
-        out.push((format!("{p}.self_attn.k_proj.weight"), vec![c.kv_dim(), h], Ternary));
-        out.push((format!("{p}.self_attn.v_proj.weight"), vec![c.kv_dim(), h], Ternary));
+        out.push((
+            format!("{p}.self_attn.q_proj.weight"),
+            vec![c.attn_dim(), h],
+            Ternary,
+        ));
+        out.push((
+            format!("{p}.self_attn.k_proj.weight"),
+            vec![c.kv_dim(), h],
+            Ternary,
+        ));
+        out.push((
+            format!("{p}.self_attn.v_proj.weight"),
+            vec![c.kv_dim(), h],
+            Ternary,
+        ));
         if c.attn_sub_norm {
-            out.push((format!("{p}.self_attn.attn_sub_norm.weight"), vec![c.attn_dim()], Norm));
+            out.push((
+                format!("{p}.self_attn.attn_sub_norm.weight"),
+                vec![c.attn_dim()],
+                Norm,
+            ));
         }
-        out.push((format!("{p}.self_attn.o_proj.weight"), vec![h, c.attn_dim()], Ternary));
-        out.push((format!("{p}.post_attention_layernorm.weight"), vec![h], Norm));
+        out.push((
+            format!("{p}.self_attn.o_proj.weight"),
+            vec![h, c.attn_dim()],
+            Ternary,
+        ));
+        out.push((
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![h],
+            Norm,
+        ));
         out.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h], Ternary));
         out.push((format!("{p}.mlp.up_proj.weight"), vec![i, h], Ternary));
         if c.ffn_sub_norm {

@@ -37,7 +37,9 @@ pub enum Problem {
     },
     #[error("not a .tern file (bad magic bytes)")]
     BadMagic,
-    #[error("unsupported format version {major}.{minor}: this build reads major version {supported}")]
+    #[error(
+        "unsupported format version {major}.{minor}: this build reads major version {supported}"
+    )]
     UnsupportedMajor {
         major: u16,
         minor: u16,
@@ -70,7 +72,10 @@ pub enum Problem {
     #[error("tensor name {0:?} appears twice")]
     DuplicateTensor(String),
     #[error("tensor {name:?}: {problem}")]
-    Tensor { name: String, problem: TensorProblem },
+    Tensor {
+        name: String,
+        problem: TensorProblem,
+    },
     #[error("tensors {first:?} and {second:?} overlap in the file")]
     Overlap { first: String, second: String },
     #[error("tensor {0:?} is required by the model config but missing")]
@@ -99,8 +104,14 @@ pub enum TensorProblem {
     ByteLength { expected: u64, got: u64 },
     #[error("offset {offset} is not a multiple of the alignment {alignment}")]
     Misaligned { offset: u64, alignment: u32 },
-    #[error("data [{offset}, {offset}+{len}) lies outside the data area of a {file_len}-byte file")]
-    OutOfBounds { offset: u64, len: u64, file_len: u64 },
+    #[error(
+        "data [{offset}, {offset}+{len}) lies outside the data area of a {file_len}-byte file"
+    )]
+    OutOfBounds {
+        offset: u64,
+        len: u64,
+        file_len: u64,
+    },
     #[error("scale {0} is not finite and positive")]
     BadScale(f32),
     #[error("float tensor has scale {0}, must be exactly 1")]
@@ -109,7 +120,9 @@ pub enum TensorProblem {
     Shape { expected: Vec<u64>, got: Vec<u64> },
     #[error("layout {0} is not allowed for this tensor")]
     LayoutNotAllowed(crate::Layout),
-    #[error("checksum mismatch (stored {stored:016x}, computed {computed:016x}): the data is damaged")]
+    #[error(
+        "checksum mismatch (stored {stored:016x}, computed {computed:016x}): the data is damaged"
+    )]
     Checksum { stored: u64, computed: u64 },
     #[error("invalid ternary code 3 at row {row}, column {col}")]
     InvalidTrit { row: u64, col: u64 },

@@ -146,10 +146,28 @@ pub fn parse(bytes: &[u8]) -> Result<Parsed, Problem> {
 
     // Sections follow each other: each offset is where the previous section ends.
     let sections = [
-        ("metadata", meta_off, meta_len, HEADER_LEN as u64, limits::MAX_META_LEN),
-        ("tokenizer", tok_off, tok_len, meta_off.saturating_add(meta_len), limits::MAX_TOKENIZER_LEN),
+        (
+            "metadata",
+            meta_off,
+            meta_len,
+            HEADER_LEN as u64,
+            limits::MAX_META_LEN,
+        ),
+        (
+            "tokenizer",
+            tok_off,
+            tok_len,
+            meta_off.saturating_add(meta_len),
+            limits::MAX_TOKENIZER_LEN,
+        ),
         // A directory can't be bigger than the largest count of largest entries.
-        ("directory", dir_off, dir_len, tok_off.saturating_add(tok_len), 1 << 28),
+        (
+            "directory",
+            dir_off,
+            dir_len,
+            tok_off.saturating_add(tok_len),
+            1 << 28,
+        ),
     ];
     for (section, offset, len, expected, max) in sections {
         if offset != expected {
@@ -188,8 +206,8 @@ pub fn parse(bytes: &[u8]) -> Result<Parsed, Problem> {
     let metadata_json = std::str::from_utf8(meta_bytes)
         .map_err(|e| Problem::MetadataUtf8(e.to_string()))?
         .to_string();
-    let metadata: Metadata = serde_json::from_str(&metadata_json)
-        .map_err(|e| Problem::MetadataJson(e.to_string()))?;
+    let metadata: Metadata =
+        serde_json::from_str(&metadata_json).map_err(|e| Problem::MetadataJson(e.to_string()))?;
     metadata.config.validate().map_err(Problem::Config)?;
 
     let tensors = parse_directory(
@@ -497,7 +515,9 @@ impl TernFile {
         };
         if !t.layout.is_some_and(|l| layouts.contains(&l)) {
             return Err(bad(TensorProblem::WrongLayout {
-                found: t.layout.map_or(format!("id {}", t.layout_id), |l| l.to_string()),
+                found: t
+                    .layout
+                    .map_or(format!("id {}", t.layout_id), |l| l.to_string()),
                 wanted,
             }));
         }
@@ -517,11 +537,13 @@ impl TernFile {
                     let Some(t) = tensors.get(i) else { break };
                     let computed = checksum(self.data(t));
                     if computed != t.checksum {
-                        bad.lock().expect("no panics while held").push(ChecksumMismatch {
-                            name: t.name.clone(),
-                            stored: t.checksum,
-                            computed,
-                        });
+                        bad.lock()
+                            .expect("no panics while held")
+                            .push(ChecksumMismatch {
+                                name: t.name.clone(),
+                                stored: t.checksum,
+                                computed,
+                            });
                     }
                 });
             }

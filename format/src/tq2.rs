@@ -23,7 +23,11 @@ pub fn row_bytes(cols: u64) -> u64 {
 /// # Panics
 /// If `out` has the wrong length or a value is outside {−1, 0, 1}: both are caller bugs.
 pub fn pack_row(trits: &[i8], out: &mut [u8]) {
-    assert_eq!(out.len() as u64, row_bytes(trits.len() as u64), "TQ2 row length");
+    assert_eq!(
+        out.len() as u64,
+        row_bytes(trits.len() as u64),
+        "TQ2 row length"
+    );
     out.fill(0x55); // four code-1 (zero) fields: the padding value
     for (c, &t) in trits.iter().enumerate() {
         assert!((-1..=1).contains(&t), "trit out of range: {t}");
@@ -62,9 +66,7 @@ pub fn find_invalid(bytes: &[u8], cols: usize) -> Option<usize> {
     };
     match bad {
         Some(i) => {
-            let shift = (0..4)
-                .find(|s| (bytes[i] >> (2 * s)) & 3 == 3)
-                .unwrap_or(0);
+            let shift = (0..4).find(|s| (bytes[i] >> (2 * s)) & 3 == 3).unwrap_or(0);
             Some(i / BLOCK_BYTES * BLOCK_COLS + shift * 32 + i % BLOCK_BYTES)
         }
         None => padding_ok(),

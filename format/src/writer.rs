@@ -2,7 +2,7 @@ use std::fs::{self, File};
 use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use crate::{checksum, Error, Layout, Metadata, ALIGNMENT, HEADER_LEN, MAGIC, MAJOR, MINOR};
+use crate::{Error, Layout, Metadata, ALIGNMENT, HEADER_LEN, MAGIC, MAJOR, MINOR};
 
 /// A tensor the writer will be given, declared up front so the whole file layout (and so
 /// the directory, which precedes the data) is known before any data is written.
@@ -33,6 +33,8 @@ pub struct Writer {
     slots: Vec<Slot>,
     next: usize,
     pos: u64,
+    /// Hash state and byte count of the tensor being written.
+    open: Option<(xxhash_rust::xxh3::Xxh3, u64)>,
 }
 
 impl Writer {
@@ -123,6 +125,7 @@ impl Writer {
             slots,
             next: 0,
             pos: 0,
+            open: None,
         };
         let prefix = std::mem::take(&mut writer.prefix);
         writer.write_all(&prefix)?;
@@ -139,37 +142,78 @@ impl Writer {
     /// Writes the next tensor's bytes and its scale (true value = scale × stored value;
     /// exactly 1.0 for float layouts).
     pub fn write_tensor(&mut self, name: &str, scale: f32, data: &[u8]) -> Result<(), Error> {
+        self.begin_tensor(name, scale)?;
+        self.write_chunk(data)?;
+        self.end_tensor()
+    }
+
+    /// Starts the next tensor; its bytes then follow in any number of
+    /// [`Writer::write_chunk`] calls, closed by [`Writer::end_tensor`].
+    pub fn begin_tensor(&mut self, name: &str, scale: f32) -> Result<(), Error> {
+        if self.open.is_some() {
+            return Err(self.fail(format!(
+                "tensor {name:?} begun before the previous one ended"
+            )));
+        }
         let Some(slot) = self.slots.get(self.next) else {
             return Err(self.fail(format!("tensor {name:?} was not declared")));
         };
         if slot.spec.name != name {
             let expected = slot.spec.name.clone();
-            return Err(self.fail(format!("tensor {name:?} written where {expected:?} was declared")));
-        }
-        if data.len() as u64 != slot.byte_len {
-            let expected = slot.byte_len;
             return Err(self.fail(format!(
-                "tensor {name:?} has {} bytes, its layout and shape need {expected}",
-                data.len()
+                "tensor {name:?} written where {expected:?} was declared"
             )));
         }
         let float = slot.spec.layout.is_float();
         if !(scale.is_finite() && scale > 0.0) || (float && scale != 1.0) {
             return Err(self.fail(format!("tensor {name:?}: invalid scale {scale}")));
         }
-        let (offset, pad) = (slot.offset, slot.offset - self.pos);
+        let pad = slot.offset - self.pos;
         self.write_zeros(pad)?;
-        debug_assert_eq!(self.pos, offset);
-        self.write_all(data)?;
+        self.slots[self.next].scale = scale;
+        self.open = Some((xxhash_rust::xxh3::Xxh3::new(), 0));
+        Ok(())
+    }
+
+    /// Appends bytes to the tensor begun last.
+    pub fn write_chunk(&mut self, data: &[u8]) -> Result<(), Error> {
+        let Some((hasher, written)) = self.open.as_mut() else {
+            return Err(self.fail("data written outside a tensor".into()));
+        };
+        hasher.update(data);
+        *written += data.len() as u64;
+        let slot = &self.slots[self.next];
+        if *written > slot.byte_len {
+            let (name, expected) = (slot.spec.name.clone(), slot.byte_len);
+            return Err(self.fail(format!(
+                "tensor {name:?} got more than the {expected} bytes its layout and shape need"
+            )));
+        }
+        self.write_all(data)
+    }
+
+    /// Closes the tensor begun last; its byte count must be exact.
+    pub fn end_tensor(&mut self) -> Result<(), Error> {
+        let Some((hasher, written)) = self.open.take() else {
+            return Err(self.fail("end_tensor without begin_tensor".into()));
+        };
         let slot = &mut self.slots[self.next];
-        slot.scale = scale;
-        slot.checksum = checksum(data);
+        if written != slot.byte_len {
+            let (name, expected) = (slot.spec.name.clone(), slot.byte_len);
+            return Err(self.fail(format!(
+                "tensor {name:?} has {written} bytes, its layout and shape need {expected}"
+            )));
+        }
+        slot.checksum = hasher.digest();
         self.next += 1;
         Ok(())
     }
 
     /// Writes the directory and header checksum, syncs, and renames the file into place.
     pub fn finish(mut self) -> Result<(), Error> {
+        if self.open.is_some() {
+            return Err(self.fail("a tensor was begun but not ended".into()));
+        }
         if let Some(slot) = self.slots.get(self.next) {
             let name = slot.spec.name.clone();
             return Err(self.fail(format!("tensor {name:?} was never written")));

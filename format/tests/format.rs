@@ -54,7 +54,9 @@ fn tensor_bytes(i: usize, layout: Layout, shape: &[u64]) -> Vec<u8> {
             let rb = tq2::row_bytes(cols as u64) as usize;
             let mut out = vec![0u8; rows * rb];
             for r in 0..rows {
-                let trits: Vec<i8> = (0..cols).map(|c| ((r * 7 + c * 3 + i) % 3) as i8 - 1).collect();
+                let trits: Vec<i8> = (0..cols)
+                    .map(|c| ((r * 7 + c * 3 + i) % 3) as i8 - 1)
+                    .collect();
                 tq2::pack_row(&trits, &mut out[r * rb..(r + 1) * rb]);
             }
             out
@@ -70,14 +72,23 @@ fn write_model(path: &Path, float: Layout, tied: bool) {
         .into_iter()
         .map(|(name, shape, role)| TensorSpec {
             name,
-            layout: if role == TensorRole::Ternary { Layout::Tq2 } else { float },
+            layout: if role == TensorRole::Ternary {
+                Layout::Tq2
+            } else {
+                float
+            },
             shape,
         })
         .collect();
     let mut w = Writer::create(path, &meta, b"{\"tokenizer\": true}", specs.clone()).unwrap();
     for (i, s) in specs.iter().enumerate() {
-        let scale = if s.layout.is_ternary() { 0.5 + i as f32 } else { 1.0 };
-        w.write_tensor(&s.name, scale, &tensor_bytes(i, s.layout, &s.shape)).unwrap();
+        let scale = if s.layout.is_ternary() {
+            0.5 + i as f32
+        } else {
+            1.0
+        };
+        w.write_tensor(&s.name, scale, &tensor_bytes(i, s.layout, &s.shape))
+            .unwrap();
     }
     w.finish().unwrap();
 }
@@ -108,7 +119,11 @@ fn round_trip_every_layout() {
                 assert_eq!(t.offset % 64, 0, "aligned");
                 let layout = t.layout.unwrap();
                 assert_eq!(f.data(t), tensor_bytes(i, layout, shape).as_slice());
-                let scale = if layout.is_ternary() { 0.5 + i as f32 } else { 1.0 };
+                let scale = if layout.is_ternary() {
+                    0.5 + i as f32
+                } else {
+                    1.0
+                };
                 assert_eq!(t.scale, scale);
                 match layout {
                     Layout::F32 => assert_eq!(f.view_f32(t).unwrap().len() as u64, t.elements()),
@@ -119,7 +134,9 @@ fn round_trip_every_layout() {
                         let mut trits = vec![0i8; shape[1] as usize];
                         let rb = tq2::row_bytes(shape[1]) as usize;
                         tq2::unpack_row(&f.data(t)[..rb], &mut trits).unwrap();
-                        let want: Vec<i8> = (0..shape[1] as usize).map(|c| ((c * 3 + i) % 3) as i8 - 1).collect();
+                        let want: Vec<i8> = (0..shape[1] as usize)
+                            .map(|c| ((c * 3 + i) % 3) as i8 - 1)
+                            .collect();
                         assert_eq!(trits, want);
                     }
                 }
@@ -144,7 +161,11 @@ fn failed_write_leaves_no_file() {
     let meta = metadata(true);
     let specs: Vec<TensorSpec> = expected_tensors(&meta.config)
         .into_iter()
-        .map(|(name, shape, _)| TensorSpec { name, layout: Layout::F32, shape })
+        .map(|(name, shape, _)| TensorSpec {
+            name,
+            layout: Layout::F32,
+            shape,
+        })
         .collect();
     {
         let mut w = Writer::create(&path, &meta, b"", specs.clone()).unwrap();
@@ -153,7 +174,11 @@ fn failed_write_leaves_no_file() {
         assert!(w.write_tensor(&first.name, 1.0, &[0u8; 3]).is_err());
     }
     assert!(!path.exists());
-    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "temp file removed");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "temp file removed"
+    );
     // Finishing with tensors missing is an error too.
     let w = Writer::create(&path, &meta, b"", specs).unwrap();
     assert!(w.finish().is_err());
@@ -200,7 +225,14 @@ fn entry(b: &[u8], index: usize) -> Entry {
     let ndim = layout + 2;
     let dims = ndim + 1;
     let offset = dims + 8 * b[ndim] as usize;
-    Entry { layout, ndim, dims, offset, byte_len: offset + 8, scale: offset + 16 }
+    Entry {
+        layout,
+        ndim,
+        dims,
+        offset,
+        byte_len: offset + 8,
+        scale: offset + 16,
+    }
 }
 
 fn problem(bytes: &[u8]) -> Problem {
@@ -217,11 +249,27 @@ const Q_PROJ: usize = 2;
 fn truncated_at_every_section_boundary() {
     let (_d, _, b) = valid_file(Layout::F32);
     let dir_end = (le_u64(&b, 48) + le_u64(&b, 56)) as usize;
-    let cuts = [0, 8, 63, le_u64(&b, 32) as usize - 1, le_u64(&b, 48) as usize + 3, dir_end - 1, dir_end, b.len() - 1];
+    let cuts = [
+        0,
+        8,
+        63,
+        le_u64(&b, 32) as usize - 1,
+        le_u64(&b, 48) as usize + 3,
+        dir_end - 1,
+        dir_end,
+        b.len() - 1,
+    ];
     for cut in cuts {
         let p = problem(&b[..cut]);
         assert!(
-            matches!(p, Problem::Truncated { .. } | Problem::Tensor { problem: TensorProblem::OutOfBounds { .. }, .. }),
+            matches!(
+                p,
+                Problem::Truncated { .. }
+                    | Problem::Tensor {
+                        problem: TensorProblem::OutOfBounds { .. },
+                        ..
+                    }
+            ),
             "cut at {cut}: {p}"
         );
     }
@@ -238,7 +286,10 @@ fn bad_magic() {
 fn unknown_major_version() {
     let (_d, _, mut b) = valid_file(Layout::F32);
     b[8..10].copy_from_slice(&2u16.to_le_bytes());
-    assert!(matches!(problem(&b), Problem::UnsupportedMajor { major: 2, .. }));
+    assert!(matches!(
+        problem(&b),
+        Problem::UnsupportedMajor { major: 2, .. }
+    ));
 }
 
 #[test]
@@ -271,7 +322,13 @@ fn offset_past_end_of_file() {
     let past = (b.len() as u64).next_multiple_of(64);
     b[e.offset..e.offset + 8].copy_from_slice(&past.to_le_bytes());
     reseal(&mut b);
-    assert!(matches!(problem(&b), Problem::Tensor { problem: TensorProblem::OutOfBounds { .. }, .. }));
+    assert!(matches!(
+        problem(&b),
+        Problem::Tensor {
+            problem: TensorProblem::OutOfBounds { .. },
+            ..
+        }
+    ));
 }
 
 #[test]
@@ -280,7 +337,13 @@ fn offset_inside_the_directory() {
     let e = entry(&b, Q_PROJ);
     b[e.offset..e.offset + 8].copy_from_slice(&64u64.to_le_bytes());
     reseal(&mut b);
-    assert!(matches!(problem(&b), Problem::Tensor { problem: TensorProblem::OutOfBounds { .. }, .. }));
+    assert!(matches!(
+        problem(&b),
+        Problem::Tensor {
+            problem: TensorProblem::OutOfBounds { .. },
+            ..
+        }
+    ));
 }
 
 #[test]
@@ -301,7 +364,13 @@ fn misaligned_offset() {
     let off = le_u64(&b, e.offset) + 8;
     b[e.offset..e.offset + 8].copy_from_slice(&off.to_le_bytes());
     reseal(&mut b);
-    assert!(matches!(problem(&b), Problem::Tensor { problem: TensorProblem::Misaligned { .. }, .. }));
+    assert!(matches!(
+        problem(&b),
+        Problem::Tensor {
+            problem: TensorProblem::Misaligned { .. },
+            ..
+        }
+    ));
 }
 
 #[test]
@@ -311,7 +380,13 @@ fn byte_length_not_matching_the_shape() {
     let len = le_u64(&b, e.byte_len) - 32;
     b[e.byte_len..e.byte_len + 8].copy_from_slice(&len.to_le_bytes());
     reseal(&mut b);
-    assert!(matches!(problem(&b), Problem::Tensor { problem: TensorProblem::ByteLength { .. }, .. }));
+    assert!(matches!(
+        problem(&b),
+        Problem::Tensor {
+            problem: TensorProblem::ByteLength { .. },
+            ..
+        }
+    ));
 }
 
 #[test]
@@ -323,7 +398,13 @@ fn shape_product_overflowing_u64() {
         b[e.dims + 8 * k..e.dims + 8 * k + 8].copy_from_slice(&(1u64 << 32).to_le_bytes());
     }
     reseal(&mut b);
-    assert!(matches!(problem(&b), Problem::Tensor { problem: TensorProblem::SizeOverflow, .. }));
+    assert!(matches!(
+        problem(&b),
+        Problem::Tensor {
+            problem: TensorProblem::SizeOverflow,
+            ..
+        }
+    ));
 }
 
 #[test]
@@ -332,17 +413,35 @@ fn absurd_dims() {
     let e = entry(&b, 0);
     b[e.dims..e.dims + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
     reseal(&mut b);
-    assert!(matches!(problem(&b), Problem::Tensor { problem: TensorProblem::BadDim { index: 0, .. }, .. }));
+    assert!(matches!(
+        problem(&b),
+        Problem::Tensor {
+            problem: TensorProblem::BadDim { index: 0, .. },
+            ..
+        }
+    ));
     let (_d, _, mut b) = valid_file(Layout::F32);
     let e = entry(&b, 0);
     b[e.dims..e.dims + 8].copy_from_slice(&0u64.to_le_bytes());
     reseal(&mut b);
-    assert!(matches!(problem(&b), Problem::Tensor { problem: TensorProblem::BadDim { value: 0, .. }, .. }));
+    assert!(matches!(
+        problem(&b),
+        Problem::Tensor {
+            problem: TensorProblem::BadDim { value: 0, .. },
+            ..
+        }
+    ));
     let (_d, _, mut b) = valid_file(Layout::F32);
     let e = entry(&b, 0);
     b[e.ndim] = 9;
     reseal(&mut b);
-    assert!(matches!(problem(&b), Problem::Tensor { problem: TensorProblem::BadNdim(9), .. }));
+    assert!(matches!(
+        problem(&b),
+        Problem::Tensor {
+            problem: TensorProblem::BadNdim(9),
+            ..
+        }
+    ));
 }
 
 /// Replaces the metadata with `new` (same length, padded with spaces) and reseals.
@@ -382,7 +481,13 @@ fn inconsistent_config() {
     let (_d, _, mut b) = valid_file(Layout::F32);
     let edited = text.replace("\"hidden_size\": 8", "\"hidden_size\": 9");
     with_metadata(&mut b, edited.as_bytes());
-    assert!(matches!(problem(&b), Problem::Tensor { problem: TensorProblem::Shape { .. }, .. }));
+    assert!(matches!(
+        problem(&b),
+        Problem::Tensor {
+            problem: TensorProblem::Shape { .. },
+            ..
+        }
+    ));
 }
 
 #[test]
@@ -391,7 +496,13 @@ fn unknown_layout_id() {
     let e = entry(&b, Q_PROJ);
     b[e.layout..e.layout + 2].copy_from_slice(&99u16.to_le_bytes());
     reseal(&mut b);
-    assert!(matches!(problem(&b), Problem::Tensor { problem: TensorProblem::UnknownLayout(99), .. }));
+    assert!(matches!(
+        problem(&b),
+        Problem::Tensor {
+            problem: TensorProblem::UnknownLayout(99),
+            ..
+        }
+    ));
 }
 
 #[test]
@@ -405,7 +516,16 @@ fn ternary_tensor_in_a_float_layout() {
     b[e.scale..e.scale + 4].copy_from_slice(&1.0f32.to_le_bytes());
     reseal(&mut b);
     let p = problem(&b);
-    assert!(matches!(p, Problem::Tensor { problem: TensorProblem::LayoutNotAllowed(Layout::Bf16), .. }), "{p}");
+    assert!(
+        matches!(
+            p,
+            Problem::Tensor {
+                problem: TensorProblem::LayoutNotAllowed(Layout::Bf16),
+                ..
+            }
+        ),
+        "{p}"
+    );
 }
 
 #[test]
@@ -416,7 +536,13 @@ fn bad_scales() {
         b[e.scale..e.scale + 4].copy_from_slice(&scale.to_le_bytes());
         reseal(&mut b);
         assert!(
-            matches!(problem(&b), Problem::Tensor { problem: TensorProblem::BadScale(_), .. }),
+            matches!(
+                problem(&b),
+                Problem::Tensor {
+                    problem: TensorProblem::BadScale(_),
+                    ..
+                }
+            ),
             "scale {scale}"
         );
     }
@@ -424,7 +550,13 @@ fn bad_scales() {
     let e = entry(&b, 0);
     b[e.scale..e.scale + 4].copy_from_slice(&2.0f32.to_le_bytes());
     reseal(&mut b);
-    assert!(matches!(problem(&b), Problem::Tensor { problem: TensorProblem::FloatScale(_), .. }));
+    assert!(matches!(
+        problem(&b),
+        Problem::Tensor {
+            problem: TensorProblem::FloatScale(_),
+            ..
+        }
+    ));
 }
 
 #[test]
@@ -433,10 +565,17 @@ fn missing_and_unexpected_tensors() {
     // Rename the final norm: the expected one is missing.
     let dir = le_u64(&b, 48) as usize;
     let dir_len = le_u64(&b, 56) as usize;
-    let at = b[dir..dir + dir_len].windows(10).position(|w| w == b"model.norm").unwrap() + dir;
+    let at = b[dir..dir + dir_len]
+        .windows(10)
+        .position(|w| w == b"model.norm")
+        .unwrap()
+        + dir;
     b[at..at + 10].copy_from_slice(b"model.xorm");
     reseal(&mut b);
-    assert_eq!(problem(&b), Problem::MissingTensor("model.norm.weight".into()));
+    assert_eq!(
+        problem(&b),
+        Problem::MissingTensor("model.norm.weight".into())
+    );
 }
 
 #[test]
@@ -461,7 +600,10 @@ fn code_three_is_caught_by_verify_trits() {
     let err = f.verify_trits().unwrap_err();
     assert!(matches!(
         err.problem(),
-        Some(Problem::Tensor { problem: TensorProblem::InvalidTrit { row: 0, col: 1 }, .. })
+        Some(Problem::Tensor {
+            problem: TensorProblem::InvalidTrit { row: 0, col: 1 },
+            ..
+        })
     ));
     assert!(err.to_string().contains("m.tern"), "{err}");
 }
@@ -473,7 +615,9 @@ fn errors_name_the_file() {
     std::fs::write(&path, &b).unwrap();
     let err = TernFile::open(&path).err().unwrap();
     assert!(err.to_string().contains(&*path.to_string_lossy()), "{err}");
-    let err = TernFile::open(path.with_extension("missing")).err().unwrap();
+    let err = TernFile::open(path.with_extension("missing"))
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("m.missing"), "{err}");
 }
 

@@ -1,0 +1,39 @@
+use std::path::PathBuf;
+
+/// A conversion error: names the file and, where there is one, the tensor.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConvertError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {problem}", path.display())]
+    Source { path: PathBuf, problem: String },
+    #[error("{}: tensor {tensor:?}: {problem}", path.display())]
+    Tensor {
+        path: PathBuf,
+        tensor: String,
+        problem: String,
+    },
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{}: already exists (pass --force to overwrite)", .0.display())]
+    OutputExists(PathBuf),
+    #[error("warnings are errors with --strict:\n  {}", .0.join("\n  "))]
+    Strict(Vec<String>),
+    #[error(transparent)]
+    Format(#[from] tern_format::Error),
+}
+
+pub type Result<T, E = ConvertError> = std::result::Result<T, E>;
+
+pub(crate) fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> ConvertError + '_ {
+    move |source| ConvertError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}

@@ -1,0 +1,79 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Result};
+use tern_convert::{hub, Family, Options};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model folder (config.json + safetensors + tokenizer) or a repo id in the local
+    /// Hugging Face cache, e.g. microsoft/bitnet-b1.58-2B-4T
+    source: String,
+    /// Output .tern file
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Revision of a cached repo id (branch, tag or commit)
+    #[arg(long)]
+    revision: Option<String>,
+    /// Checkpoint family, instead of detecting it: bitnet-packed, bitnet-masters,
+    /// llama-bitlinear, 1bitllm
+    #[arg(long)]
+    family: Option<String>,
+    /// Treat warnings (all −1 or all-zero tensors, assumed config defaults) as errors
+    #[arg(long)]
+    strict: bool,
+    /// Overwrite the output file if it exists
+    #[arg(long)]
+    force: bool,
+    /// No progress bar and no summary
+    #[arg(short, long)]
+    quiet: bool,
+    /// Print the conversion report as JSON
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: Args) -> Result<ExitCode> {
+    let family = match &args.family {
+        None => None,
+        Some(name) => match Family::parse(name) {
+            Some(f) => Some(f),
+            None => bail!(
+                "unknown family {name:?}; one of: {}",
+                Family::ALL.map(|f| f.name()).join(", ")
+            ),
+        },
+    };
+    let source = hub::resolve(&args.source, args.revision.as_deref())?;
+    let options = Options {
+        family,
+        strict: args.strict,
+        force: args.force,
+    };
+    let bar = super::byte_bar(args.quiet || args.json, "converting");
+    let report = tern_convert::convert(&source, &args.output, &options, &|done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    })?;
+    bar.finish_and_clear();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
+    }
+    if !args.quiet {
+        let gbs = report.input_bytes as f64 / report.seconds.max(1e-9) / 1e9;
+        println!(
+            "{} ({}) -> {}: {} tensors, {} in {:.2} s ({gbs:.2} GB/s)",
+            source.display(),
+            report.family,
+            report.output.display(),
+            report.tensors,
+            super::human_bytes(report.output_bytes),
+            report.seconds,
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
