@@ -24,6 +24,10 @@ enum Command {
     Convert(cmd::convert::Args),
     /// Show what a .tern file holds; --check verifies every checksum
     Inspect(cmd::inspect::Args),
+    /// Generate text from a prompt
+    Generate(cmd::generate::Args),
+    /// Hold a conversation using the model's chat template (interactive, or lines on stdin)
+    Chat(cmd::chat::Args),
 }
 
 /// Exit codes: 0 success, 1 a check failed (damaged file, verification mismatch), 2 error.
@@ -32,6 +36,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Convert(args) => cmd::convert::run(args),
         Command::Inspect(args) => cmd::inspect::run(args),
+        Command::Generate(args) => cmd::generate::run(args),
+        Command::Chat(args) => cmd::chat::run(args),
     };
     match result {
         Ok(code) => code,

@@ -309,8 +309,12 @@ fn end_of_turn_ids(ck: &Checkpoint) -> Vec<u32> {
         .collect()
 }
 
-/// The chat template from tokenizer_config.json (a string, or a list of named templates).
+/// The chat template: `chat_template.jinja` (transformers 5.x saves it there), else
+/// tokenizer_config.json's `chat_template` (a string, or a list of named templates).
 pub fn chat_template(ck: &Checkpoint) -> Option<String> {
+    if let Ok(t) = std::fs::read_to_string(ck.dir.join("chat_template.jinja")) {
+        return Some(t);
+    }
     let t = ck.tokenizer_config.as_ref()?.get("chat_template")?;
     match t {
         Value::String(s) => Some(s.clone()),

@@ -1,8 +1,11 @@
 //! One module per subcommand: argument parsing and presentation only; the work is done by
 //! the library crates.
 
+pub mod chat;
 pub mod convert;
+pub mod generate;
 pub mod inspect;
+pub mod run;
 
 use std::io::IsTerminal;
 

@@ -1,0 +1,658 @@
+//! The model: weights borrowed from the memory-mapped `.tern` file, and the forward pass.
+//!
+//! Read `Model::forward` top to bottom: it is the whole network, in the order of
+//! transformers' `BitNetForCausalLM` / `LlamaForCausalLM` (checkpoints.md §5.2). Numerics:
+//! activations are f32; each BitLinear quantizes its input per token to int8 (absmax,
+//! round half to even), takes exact integer dot products with the ternary weights, then
+//! applies `weight_scale / activation_scale`. q/k/v share one quantization, as do gate/up.
+
+use std::sync::Mutex;
+
+use tern_format::{Activation, Layout, ModelConfig, RopeStyle, TensorInfo, TernFile};
+
+use crate::kernels::{Kernels, QuantRow};
+use crate::pool::{split_range, Pool};
+use crate::InferError;
+
+/// A ternary matrix `[rows, cols]` in the TQ2 layout, borrowed from the file.
+pub struct Ternary<'a> {
+    pub name: String,
+    pub data: &'a [u8],
+    pub rows: usize,
+    pub cols: usize,
+    /// 128-column blocks per row.
+    pub blocks: usize,
+    /// True weight = scale × trit.
+    pub scale: f32,
+}
+
+/// Dense rows (embeddings, head) in their stored precision, borrowed from the file.
+pub enum Dense<'a> {
+    F32(&'a [f32]),
+    F16(&'a [u16]),
+    Bf16(&'a [u16]),
+}
+
+pub struct DenseMatrix<'a> {
+    pub data: Dense<'a>,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl DenseMatrix<'_> {
+    /// Row `r` widened to f32.
+    pub fn row_f32(&self, r: usize, out: &mut [f32]) {
+        let range = r * self.cols..(r + 1) * self.cols;
+        match &self.data {
+            Dense::F32(w) => out.copy_from_slice(&w[range]),
+            Dense::F16(w) => {
+                for (o, &b) in out.iter_mut().zip(&w[range]) {
+                    *o = half::f16::from_bits(b).to_f32();
+                }
+            }
+            Dense::Bf16(w) => {
+                for (o, &b) in out.iter_mut().zip(&w[range]) {
+                    *o = half::bf16::from_bits(b).to_f32();
+                }
+            }
+        }
+    }
+
+    /// `out[r] = row r · x` for the rows `rows`.
+    fn gemv(&self, k: &Kernels, rows: std::ops::Range<usize>, x: &[f32], out: &mut [f32]) {
+        let range = rows.start * self.cols..rows.end * self.cols;
+        match &self.data {
+            Dense::F32(w) => k.f32_gemv(&w[range], self.cols, x, out),
+            Dense::F16(w) => k.f16_gemv(&w[range], self.cols, x, out),
+            Dense::Bf16(w) => k.bf16_gemv(&w[range], self.cols, x, out),
+        }
+    }
+}
+
+pub struct Layer<'a> {
+    pub input_norm: Vec<f32>,
+    pub q: Ternary<'a>,
+    pub k: Ternary<'a>,
+    pub v: Ternary<'a>,
+    pub attn_sub_norm: Option<Vec<f32>>,
+    pub o: Ternary<'a>,
+    pub post_attn_norm: Vec<f32>,
+    pub gate: Ternary<'a>,
+    pub up: Ternary<'a>,
+    pub ffn_sub_norm: Option<Vec<f32>>,
+    pub down: Ternary<'a>,
+}
+
+/// A model ready to run. Ternary and dense weights are views into the mapping; only the
+/// norm weights (a few KB per layer) are widened to f32 at load.
+pub struct Model<'a> {
+    pub config: ModelConfig,
+    pub embed: DenseMatrix<'a>,
+    /// The output head: `embed` again when tied.
+    pub head: DenseMatrix<'a>,
+    pub layers: Vec<Layer<'a>>,
+    pub final_norm: Vec<f32>,
+    /// RoPE inverse frequencies, f32 as transformers computes them.
+    pub inv_freq: Vec<f32>,
+}
+
+fn norm_vector(file: &TernFile, t: &TensorInfo) -> Result<Vec<f32>, InferError> {
+    Ok(match t.layout {
+        Some(Layout::F32) => file.view_f32(t)?.to_vec(),
+        Some(Layout::F16) => file
+            .view_u16(t)?
+            .iter()
+            .map(|&b| half::f16::from_bits(b).to_f32())
+            .collect(),
+        Some(Layout::Bf16) => file
+            .view_u16(t)?
+            .iter()
+            .map(|&b| half::bf16::from_bits(b).to_f32())
+            .collect(),
+        other => {
+            return Err(InferError::Unsupported(format!(
+                "norm {} has layout {other:?}",
+                t.name
+            )))
+        }
+    })
+}
+
+fn dense<'a>(file: &'a TernFile, t: &TensorInfo) -> Result<DenseMatrix<'a>, InferError> {
+    let data = match t.layout {
+        Some(Layout::F32) => Dense::F32(file.view_f32(t)?),
+        Some(Layout::F16) => Dense::F16(file.view_u16(t)?),
+        Some(Layout::Bf16) => Dense::Bf16(file.view_u16(t)?),
+        other => {
+            return Err(InferError::Unsupported(format!(
+                "{} has layout {other:?}",
+                t.name
+            )))
+        }
+    };
+    Ok(DenseMatrix {
+        data,
+        rows: t.shape[0] as usize,
+        cols: t.shape[1] as usize,
+    })
+}
+
+fn ternary<'a>(file: &'a TernFile, t: &TensorInfo) -> Result<Ternary<'a>, InferError> {
+    if t.layout != Some(Layout::Tq2) {
+        return Err(InferError::Unsupported(format!(
+            "{} has layout {:?}; this build runs TQ2",
+            t.name, t.layout
+        )));
+    }
+    let cols = t.shape[1] as usize;
+    Ok(Ternary {
+        name: t.name.clone(),
+        data: file.data(t),
+        rows: t.shape[0] as usize,
+        cols,
+        blocks: tern_format::tq2::blocks(cols as u64) as usize,
+        scale: t.scale,
+    })
+}
+
+impl<'a> Model<'a> {
+    /// Builds the model from views into the file (validated at open). Copies no weights.
+    pub fn load(file: &'a TernFile) -> Result<Model<'a>, InferError> {
+        let config = file.metadata().config.clone();
+        if config.rope_style != RopeStyle::RotateHalf {
+            return Err(InferError::Unsupported("interleaved RoPE".into()));
+        }
+        let get = |name: &str| file.require(name).map_err(InferError::from);
+        let embed = dense(file, get("model.embed_tokens.weight")?)?;
+        let head = if config.tie_word_embeddings {
+            dense(file, get("model.embed_tokens.weight")?)?
+        } else {
+            dense(file, get("lm_head.weight")?)?
+        };
+        let mut layers = Vec::with_capacity(config.num_hidden_layers as usize);
+        for l in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let t = |s: &str| get(&format!("{p}.{s}.weight"));
+            layers.push(Layer {
+                input_norm: norm_vector(file, t("input_layernorm")?)?,
+                q: ternary(file, t("self_attn.q_proj")?)?,
+                k: ternary(file, t("self_attn.k_proj")?)?,
+                v: ternary(file, t("self_attn.v_proj")?)?,
+                attn_sub_norm: match config.attn_sub_norm {
+                    true => Some(norm_vector(file, t("self_attn.attn_sub_norm")?)?),
+                    false => None,
+                },
+                o: ternary(file, t("self_attn.o_proj")?)?,
+                post_attn_norm: norm_vector(file, t("post_attention_layernorm")?)?,
+                gate: ternary(file, t("mlp.gate_proj")?)?,
+                up: ternary(file, t("mlp.up_proj")?)?,
+                ffn_sub_norm: match config.ffn_sub_norm {
+                    true => Some(norm_vector(file, t("mlp.ffn_sub_norm")?)?),
+                    false => None,
+                },
+                down: ternary(file, t("mlp.down_proj")?)?,
+            });
+        }
+        let final_norm = norm_vector(file, get("model.norm.weight")?)?;
+        let d = config.head_dim as usize;
+        let theta = config.rope_theta as f32;
+        let inv_freq = (0..d / 2)
+            .map(|i| 1.0 / theta.powf((2 * i) as f32 / d as f32))
+            .collect();
+        Ok(Model {
+            config,
+            embed,
+            head,
+            layers,
+            final_norm,
+            inv_freq,
+        })
+    }
+
+    /// Bytes of weights read to decode one token (every ternary matrix, the head, norms).
+    pub fn weight_bytes_per_token(&self) -> u64 {
+        let ternary: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]
+                    .iter()
+                    .map(|t| t.data.len())
+                    .sum::<usize>()
+            })
+            .sum();
+        let elem = match self.head.data {
+            Dense::F32(_) => 4,
+            _ => 2,
+        };
+        (ternary + self.head.rows * self.head.cols * elem) as u64
+    }
+}
+
+/// What one forward call should return besides updating the KV cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// Logits of the last token only (generation).
+    Last,
+    /// Logits of every token of the batch (verification).
+    All,
+}
+
+/// The KV cache and every scratch buffer, allocated once for a context length and a
+/// maximum batch: `forward` allocates nothing.
+pub struct State {
+    pub ctx: usize,
+    pub pos: usize,
+    max_batch: usize,
+    kernels: Kernels,
+    key_cache: Vec<f32>,
+    value_cache: Vec<f32>,
+    x: Vec<f32>,
+    xn: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att_out: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    scores: Vec<Mutex<Vec<f32>>>,
+    qact: Vec<i8>,
+    qrows: Vec<QuantRow>,
+    qsums: Vec<i32>,
+    acc: Vec<i32>,
+    scratch: Vec<Mutex<Vec<i32>>>,
+    /// Logits, `[batch or 1, vocab]`.
+    pub logits: Vec<f32>,
+}
+
+/// Tokens per forward call in prefill; longer prompts are processed in chunks.
+pub const PREFILL_CHUNK: usize = 64;
+
+impl State {
+    pub fn new(model: &Model, kernels: Kernels, pool: &Pool, ctx: usize) -> State {
+        let c = &model.config;
+        let (h, kv, attn, inter, vocab) = (
+            c.hidden_size as usize,
+            c.kv_dim() as usize,
+            c.attn_dim() as usize,
+            c.intermediate_size as usize,
+            c.vocab_size as usize,
+        );
+        let b = PREFILL_CHUNK;
+        let widest = h.max(attn).max(inter);
+        let padded = widest.div_ceil(128) * 128;
+        let layers = c.num_hidden_layers as usize;
+        let rows = attn.max(kv).max(inter).max(h);
+        // Zeroed allocations are lazily backed: the cache costs memory as it fills.
+        State {
+            ctx,
+            pos: 0,
+            max_batch: b,
+            kernels,
+            key_cache: vec![0.0; layers * ctx * kv],
+            value_cache: vec![0.0; layers * ctx * kv],
+            x: vec![0.0; b * h],
+            xn: vec![0.0; b * widest],
+            q: vec![0.0; b * attn],
+            k: vec![0.0; b * kv],
+            v: vec![0.0; b * kv],
+            att_out: vec![0.0; b * attn],
+            gate: vec![0.0; b * inter],
+            up: vec![0.0; b * inter],
+            scores: (0..pool.threads())
+                .map(|_| Mutex::new(vec![0.0; ctx]))
+                .collect(),
+            qact: vec![0; b * padded],
+            qrows: vec![QuantRow { scale: 0.0, sum: 0 }; b],
+            qsums: vec![0; b],
+            acc: vec![0; b * rows],
+            scratch: (0..pool.threads())
+                .map(|_| Mutex::new(vec![0; b * rows]))
+                .collect(),
+            logits: vec![0.0; b * vocab],
+        }
+    }
+
+    /// Forgets the conversation: the next token is at position 0.
+    pub fn reset(&mut self) {
+        self.pos = 0;
+    }
+}
+
+/// RMSNorm as transformers computes it: `w · (x · rsqrt(mean(x²) + eps))`, in f32.
+pub fn rms_norm(x: &mut [f32], weight: &[f32], eps: f32) {
+    let mean = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let inv = 1.0 / (mean + eps).sqrt();
+    for (v, w) in x.iter_mut().zip(weight) {
+        *v = w * (*v * inv);
+    }
+}
+
+/// Rotates one head in place (rotate_half: element j pairs with j + d/2).
+fn rope(head: &mut [f32], pos: usize, inv_freq: &[f32]) {
+    let half = head.len() / 2;
+    for (i, &f) in inv_freq.iter().enumerate() {
+        let angle = pos as f32 * f;
+        let (sin, cos) = angle.sin_cos();
+        let (a, b) = (head[i], head[i + half]);
+        head[i] = a * cos - b * sin;
+        head[i + half] = b * cos + a * sin;
+    }
+}
+
+/// Runs `f(worker, rows, out)` on every worker, each given a disjoint range of rows (a
+/// multiple of `align`) and that range's slice of `out` (`row_len` values per row).
+fn par_rows<T: Send>(
+    pool: &Pool,
+    out: &mut [T],
+    rows: usize,
+    row_len: usize,
+    align: usize,
+    f: impl Fn(usize, std::ops::Range<usize>, &mut [T]) + Sync,
+) {
+    let n = pool.threads();
+    let mut chunks: Vec<Mutex<Option<&mut [T]>>> = Vec::with_capacity(n);
+    let mut rest = &mut out[..rows * row_len];
+    for w in 0..n {
+        let r = split_range(rows, align, w, n);
+        let (head, tail) = rest.split_at_mut(r.len() * row_len);
+        chunks.push(Mutex::new(Some(head)));
+        rest = tail;
+    }
+    pool.run(|w, n| {
+        let r = split_range(rows, align, w, n);
+        if let Some(chunk) = chunks[w].lock().expect("no poisoned chunk").take() {
+            if !r.is_empty() {
+                f(w, r, chunk);
+            }
+        }
+    });
+}
+
+impl State {
+    /// Quantizes `n` rows of `width` activations from `src` into `self.qact`.
+    fn quantize(&mut self, src: &[f32], n: usize, width: usize) {
+        let padded = width.div_ceil(128) * 128;
+        for t in 0..n {
+            let row = self.kernels.quantize_row(
+                &src[t * width..(t + 1) * width],
+                &mut self.qact[t * padded..(t + 1) * padded],
+            );
+            self.qsums[t] = row.sum;
+            self.qrows[t] = row;
+        }
+    }
+
+    /// `out[t, r] = scale · (Σ trit · q) / s_t` for the `n` rows quantized last.
+    fn bitlinear(&mut self, pool: &Pool, w: &Ternary, n: usize, out: &mut [f32]) {
+        let kernels = self.kernels;
+        let padded = w.blocks * 128;
+        let (qact, qsums) = (&self.qact[..n * padded], &self.qsums[..n]);
+        let row_bytes = w.blocks * 32;
+        if n == 1 {
+            par_rows(pool, &mut self.acc, w.rows, 1, 4, |_, r, acc| {
+                kernels.tq2_gemv(
+                    &w.data[r.start * row_bytes..r.end * row_bytes],
+                    w.blocks,
+                    qact,
+                    qsums[0],
+                    acc,
+                );
+            });
+        } else {
+            let scratch = &self.scratch;
+            pool.run(|worker, workers| {
+                let r = split_range(w.rows, 4, worker, workers);
+                if r.is_empty() {
+                    return;
+                }
+                let mut s = scratch[worker].lock().expect("no poisoned scratch");
+                let part = &mut s[..n * r.len()];
+                kernels.tq2_gemm(
+                    &w.data[r.start * row_bytes..r.end * row_bytes],
+                    w.blocks,
+                    r.len(),
+                    qact,
+                    qsums,
+                    n,
+                    part,
+                );
+            });
+            for worker in 0..pool.threads() {
+                let r = split_range(w.rows, 4, worker, pool.threads());
+                let s = self.scratch[worker].lock().expect("no poisoned scratch");
+                for t in 0..n {
+                    self.acc[t * w.rows + r.start..t * w.rows + r.end]
+                        .copy_from_slice(&s[t * r.len()..(t + 1) * r.len()]);
+                }
+            }
+        }
+        for t in 0..n {
+            let s = self.qrows[t].scale;
+            for (o, &a) in out[t * w.rows..(t + 1) * w.rows]
+                .iter_mut()
+                .zip(&self.acc[t * w.rows..(t + 1) * w.rows])
+            {
+                *o = a as f32 / s * w.scale;
+            }
+        }
+    }
+}
+
+impl Model<'_> {
+    /// Runs `tokens` (at positions `state.pos..`) through the network, appending to the KV
+    /// cache. `on_hidden(i, h)` sees the hidden states `[n, hidden]` entering layer `i`
+    /// (and, for `i == layers`, after the final norm), like transformers' hidden_states.
+    /// Logits land in `state.logits`.
+    pub fn forward(
+        &self,
+        pool: &Pool,
+        state: &mut State,
+        tokens: &[u32],
+        want: Logits,
+        mut on_hidden: impl FnMut(usize, &[f32]),
+    ) -> Result<(), InferError> {
+        let c = &self.config;
+        let vocab = c.vocab_size as usize;
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(InferError::Input(format!(
+                "token id {bad} is outside the vocabulary of {vocab}"
+            )));
+        }
+        if state.pos + tokens.len() > state.ctx {
+            return Err(InferError::ContextFull {
+                ctx: state.ctx,
+                needed: state.pos + tokens.len(),
+            });
+        }
+        for (i, chunk) in tokens.chunks(state.max_batch).enumerate() {
+            let last = (i + 1) * state.max_batch >= tokens.len();
+            let want = if want == Logits::All || last {
+                Some(want)
+            } else {
+                None
+            };
+            self.forward_batch(pool, state, chunk, want, &mut on_hidden);
+        }
+        Ok(())
+    }
+
+    fn forward_batch(
+        &self,
+        pool: &Pool,
+        st: &mut State,
+        tokens: &[u32],
+        want: Option<Logits>,
+        on_hidden: &mut impl FnMut(usize, &[f32]),
+    ) {
+        let c = &self.config;
+        let n = tokens.len();
+        let (h, d) = (c.hidden_size as usize, c.head_dim as usize);
+        let (attn, kv, inter) = (
+            c.attn_dim() as usize,
+            c.kv_dim() as usize,
+            c.intermediate_size as usize,
+        );
+        let eps = c.rms_norm_eps as f32;
+        let pos0 = st.pos;
+
+        let mut x = std::mem::take(&mut st.x);
+        for (t, &tok) in tokens.iter().enumerate() {
+            self.embed.row_f32(tok as usize, &mut x[t * h..(t + 1) * h]);
+        }
+        for (l, layer) in self.layers.iter().enumerate() {
+            on_hidden(l, &x[..n * h]);
+            // Attention block.
+            let mut xn = std::mem::take(&mut st.xn);
+            for t in 0..n {
+                xn[t * h..(t + 1) * h].copy_from_slice(&x[t * h..(t + 1) * h]);
+                rms_norm(&mut xn[t * h..(t + 1) * h], &layer.input_norm, eps);
+            }
+            st.quantize(&xn, n, h);
+            let (mut q, mut k, mut v) = (
+                std::mem::take(&mut st.q),
+                std::mem::take(&mut st.k),
+                std::mem::take(&mut st.v),
+            );
+            st.bitlinear(pool, &layer.q, n, &mut q);
+            st.bitlinear(pool, &layer.k, n, &mut k);
+            st.bitlinear(pool, &layer.v, n, &mut v);
+            for t in 0..n {
+                for head in q[t * attn..(t + 1) * attn].chunks_exact_mut(d) {
+                    rope(head, pos0 + t, &self.inv_freq);
+                }
+                for head in k[t * kv..(t + 1) * kv].chunks_exact_mut(d) {
+                    rope(head, pos0 + t, &self.inv_freq);
+                }
+                let at = (l * st.ctx + pos0 + t) * kv;
+                st.key_cache[at..at + kv].copy_from_slice(&k[t * kv..(t + 1) * kv]);
+                st.value_cache[at..at + kv].copy_from_slice(&v[t * kv..(t + 1) * kv]);
+            }
+            let mut att_out = std::mem::take(&mut st.att_out);
+            self.attention(pool, st, l, &q, n, &mut att_out);
+            (st.q, st.k, st.v) = (q, k, v);
+            if let Some(w) = &layer.attn_sub_norm {
+                for row in att_out[..n * attn].chunks_exact_mut(attn) {
+                    rms_norm(row, w, eps);
+                }
+            }
+            st.quantize(&att_out, n, attn);
+            st.att_out = att_out;
+            st.bitlinear(pool, &layer.o, n, &mut xn);
+            for (xv, o) in x[..n * h].iter_mut().zip(&xn[..n * h]) {
+                *xv += o;
+            }
+
+            // MLP block.
+            for t in 0..n {
+                xn[t * h..(t + 1) * h].copy_from_slice(&x[t * h..(t + 1) * h]);
+                rms_norm(&mut xn[t * h..(t + 1) * h], &layer.post_attn_norm, eps);
+            }
+            st.quantize(&xn, n, h);
+            let (mut gate, mut up) = (std::mem::take(&mut st.gate), std::mem::take(&mut st.up));
+            st.bitlinear(pool, &layer.gate, n, &mut gate);
+            st.bitlinear(pool, &layer.up, n, &mut up);
+            for (g, u) in gate[..n * inter].iter_mut().zip(&up[..n * inter]) {
+                let a = match c.activation {
+                    Activation::Relu2 => {
+                        let r = g.max(0.0);
+                        r * r
+                    }
+                    Activation::Silu => *g / (1.0 + (-*g).exp()),
+                };
+                *g = a * u;
+            }
+            if let Some(w) = &layer.ffn_sub_norm {
+                for row in gate[..n * inter].chunks_exact_mut(inter) {
+                    rms_norm(row, w, eps);
+                }
+            }
+            st.quantize(&gate, n, inter);
+            (st.gate, st.up) = (gate, up);
+            st.bitlinear(pool, &layer.down, n, &mut xn);
+            for (xv, o) in x[..n * h].iter_mut().zip(&xn[..n * h]) {
+                *xv += o;
+            }
+            st.xn = xn;
+        }
+        for row in x[..n * h].chunks_exact_mut(h) {
+            rms_norm(row, &self.final_norm, eps);
+        }
+        on_hidden(self.layers.len(), &x[..n * h]);
+        st.pos += n;
+
+        let rows: Vec<usize> = match want {
+            None => vec![],
+            Some(Logits::Last) => vec![n - 1],
+            Some(Logits::All) => (0..n).collect(),
+        };
+        let vocab = self.head.rows;
+        for (i, &t) in rows.iter().enumerate() {
+            let xr = &x[t * h..(t + 1) * h];
+            let kernels = st.kernels;
+            par_rows(
+                pool,
+                &mut st.logits[i * vocab..(i + 1) * vocab],
+                vocab,
+                1,
+                16,
+                |_, r, out| {
+                    self.head.gemv(&kernels, r, xr, out);
+                },
+            );
+        }
+        st.x = x;
+    }
+
+    /// Causal self-attention of `n` new tokens against the cache (eager: softmax in f32,
+    /// the 1/sqrt(d) scale applied after q·k). Heads are spread over the pool.
+    fn attention(
+        &self,
+        pool: &Pool,
+        st: &State,
+        layer: usize,
+        q: &[f32],
+        n: usize,
+        out: &mut [f32],
+    ) {
+        let c = &self.config;
+        let d = c.head_dim as usize;
+        let (heads, kv) = (c.num_attention_heads as usize, c.kv_dim() as usize);
+        let group = heads / c.num_key_value_heads as usize;
+        let scale = (d as f32).powf(-0.5);
+        let base = layer * st.ctx * kv;
+        let pos0 = st.pos;
+        let (keys, values) = (&st.key_cache[base..], &st.value_cache[base..]);
+        par_rows(pool, out, n * heads, d, 1, |worker, r, out| {
+            // Each worker owns one scores buffer; the lock is uncontended.
+            let mut scores = st.scores[worker].lock().expect("no poisoned scores");
+            for (j, th) in r.enumerate() {
+                let (t, head) = (th / heads, th % heads);
+                let g = head / group;
+                let len = pos0 + t + 1;
+                let qh = &q[t * heads * d + head * d..][..d];
+                let s = &mut scores[..len];
+                let mut max = f32::NEG_INFINITY;
+                for (p, sp) in s.iter_mut().enumerate() {
+                    let kp = &keys[p * kv + g * d..][..d];
+                    *sp = qh.iter().zip(kp).map(|(a, b)| a * b).sum::<f32>() * scale;
+                    max = max.max(*sp);
+                }
+                let mut sum = 0.0;
+                for sp in s.iter_mut() {
+                    *sp = (*sp - max).exp();
+                    sum += *sp;
+                }
+                let o = &mut out[j * d..(j + 1) * d];
+                o.fill(0.0);
+                for (p, &sp) in s.iter().enumerate() {
+                    let w = sp / sum;
+                    let vp = &values[p * kv + g * d..][..d];
+                    for (ov, vv) in o.iter_mut().zip(vp) {
+                        *ov += w * vv;
+                    }
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,127 @@
+//! Shared helpers: fixture paths, running the binary, reading reference outputs.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Every fixture checkpoint, by folder name.
+pub const FIXTURES: [&str; 6] = [
+    "bitnet-2b4t-h64",
+    "bitnet-2b4t-h64-bf16",
+    "bitnet-2b4t-h64-sharded",
+    "bitnet-2b4t-h128",
+    "llama-bitlinear",
+    "1bitllm",
+];
+
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/models")
+        .join(name)
+}
+
+/// Runs `tern` with `args`.
+pub fn tern(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(args)
+        .output()
+        .expect("run tern")
+}
+
+/// Runs `tern` and requires success; returns stdout.
+pub fn tern_ok(args: &[&str]) -> String {
+    let out = tern(args);
+    assert!(
+        out.status.success(),
+        "tern {args:?} failed ({:?}):\n{}{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+/// Runs `tern` and requires failure with exit code `code`; returns stderr.
+pub fn tern_fails(args: &[&str], code: i32) -> String {
+    let out = tern(args);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "tern {args:?}: expected exit {code}:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Converts a fixture into `dir` and returns the .tern path.
+pub fn convert(name: &str, dir: &Path) -> PathBuf {
+    let out = dir.join(format!("{name}.tern"));
+    tern_ok(&[
+        "convert",
+        fixture(name).to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]);
+    out
+}
+
+/// Reference outputs of transformers for one fixture (fixtures/README.md).
+pub struct Reference {
+    bytes: Vec<u8>,
+}
+
+pub struct RefTensor {
+    pub shape: Vec<usize>,
+    pub f32: Vec<f32>,
+    pub i64: Vec<i64>,
+}
+
+impl Reference {
+    pub fn load(name: &str) -> Reference {
+        let bytes = std::fs::read(fixture(name).join("reference.safetensors")).expect("reference");
+        Reference { bytes }
+    }
+
+    pub fn prompts(&self) -> usize {
+        let st = safetensors::SafeTensors::deserialize(&self.bytes).unwrap();
+        (0..)
+            .take_while(|i| st.tensor(&format!("prompt.{i}.ids")).is_ok())
+            .count()
+    }
+
+    pub fn get(&self, name: &str) -> RefTensor {
+        let st = safetensors::SafeTensors::deserialize(&self.bytes).unwrap();
+        let t = st
+            .tensor(name)
+            .unwrap_or_else(|_| panic!("reference has no {name}"));
+        let data = t.data();
+        let (mut f32, mut i64) = (Vec::new(), Vec::new());
+        match t.dtype() {
+            safetensors::Dtype::F32 => {
+                f32 = data
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                    .collect()
+            }
+            safetensors::Dtype::I64 => {
+                i64 = data
+                    .chunks_exact(8)
+                    .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+                    .collect()
+            }
+            other => panic!("{name}: unexpected dtype {other:?}"),
+        }
+        RefTensor {
+            shape: t.shape().to_vec(),
+            f32,
+            i64,
+        }
+    }
+
+    pub fn ids(&self, name: &str) -> Vec<u32> {
+        self.get(name).i64.iter().map(|&v| v as u32).collect()
+    }
+}
