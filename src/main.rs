@@ -26,6 +26,9 @@ enum Command {
     Inspect(cmd::inspect::Args),
     /// Generate text from a prompt
     Generate(cmd::generate::Args),
+    /// Prove a conversion faithful: checksums, exact weights (--source), kernel parity
+    /// with the f32 reference forward, agreement with transformers (--reference)
+    Verify(cmd::verify::Args),
     /// Hold a conversation using the model's chat template (interactive, or lines on stdin)
     Chat(cmd::chat::Args),
 }
@@ -38,6 +41,7 @@ fn main() -> ExitCode {
         Command::Inspect(args) => cmd::inspect::run(args),
         Command::Generate(args) => cmd::generate::run(args),
         Command::Chat(args) => cmd::chat::run(args),
+        Command::Verify(args) => cmd::verify::run(args),
     };
     match result {
         Ok(code) => code,

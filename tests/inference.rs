@@ -4,6 +4,7 @@ use tern_format::TernFile;
 use tern_infer::kernels::Kernels;
 use tern_infer::model::{Logits, Model, State};
 use tern_infer::pool::Pool;
+use tern_infer::reference::{NoProbe, Probe};
 
 use crate::common::*;
 
@@ -40,6 +41,17 @@ impl Agreement {
     }
 }
 
+/// Keeps the hidden states entering layer 0: the embeddings, which must be exact.
+struct Embeddings(Vec<f32>);
+
+impl Probe for Embeddings {
+    fn hidden(&mut self, layer: usize, h: &[f32]) {
+        if layer == 0 {
+            self.0 = h.to_vec();
+        }
+    }
+}
+
 fn run_fixture(name: &str) {
     let dir = tempfile::tempdir().unwrap();
     let path = convert(name, dir.path());
@@ -64,21 +76,15 @@ fn run_fixture(name: &str) {
 
                 // One forward over the prompt: every position's logits, and hidden states.
                 let mut state = State::new(&model, kernels, &pool, 128);
-                let mut layer0_err = 0.0f32;
+                let mut embeddings = Embeddings(Vec::new());
                 model
-                    .forward(&pool, &mut state, &ids, Logits::All, |l, h| {
-                        if l == 0 {
-                            // Embeddings are exact.
-                            let want = &ref_hidden.f32[..ids.len() * hidden];
-                            layer0_err = h
-                                .iter()
-                                .zip(want)
-                                .map(|(a, b)| (a - b).abs())
-                                .fold(0.0, f32::max);
-                        }
-                    })
+                    .forward(&pool, &mut state, &ids, Logits::All, &mut embeddings)
                     .unwrap();
-                assert_eq!(layer0_err, 0.0, "{name}: embeddings differ");
+                assert_eq!(
+                    embeddings.0,
+                    &ref_hidden.f32[..ids.len() * hidden],
+                    "{name}: embeddings differ"
+                );
                 for t in 0..ids.len() {
                     full.add(
                         &state.logits[t * vocab..(t + 1) * vocab],
@@ -90,7 +96,7 @@ fn run_fixture(name: &str) {
                 // greedy tokens one at a time.
                 let mut state = State::new(&model, kernels, &pool, 128);
                 model
-                    .forward(&pool, &mut state, &ids, Logits::Last, |_, _| {})
+                    .forward(&pool, &mut state, &ids, Logits::Last, &mut NoProbe)
                     .unwrap();
                 for (step, &tok) in greedy.iter().enumerate() {
                     decode.add(
@@ -98,21 +104,21 @@ fn run_fixture(name: &str) {
                         &greedy_logits.f32[step * vocab..(step + 1) * vocab],
                     );
                     model
-                        .forward(&pool, &mut state, &[tok], Logits::Last, |_, _| {})
+                        .forward(&pool, &mut state, &[tok], Logits::Last, &mut NoProbe)
                         .unwrap();
                 }
 
                 // Free-running greedy continuation.
                 let mut state = State::new(&model, kernels, &pool, 128);
                 model
-                    .forward(&pool, &mut state, &ids, Logits::Last, |_, _| {})
+                    .forward(&pool, &mut state, &ids, Logits::Last, &mut NoProbe)
                     .unwrap();
                 let mut ours = Vec::new();
                 for _ in 0..greedy.len() {
                     let next = tern_infer::sampling::argmax(&state.logits[..vocab]) as u32;
                     ours.push(next);
                     model
-                        .forward(&pool, &mut state, &[next], Logits::Last, |_, _| {})
+                        .forward(&pool, &mut state, &[next], Logits::Last, &mut NoProbe)
                         .unwrap();
                 }
                 greedy_same += ours.iter().zip(&greedy).take_while(|(a, b)| a == b).count();
@@ -185,15 +191,15 @@ fn prefill_then_decode_equals_one_forward() {
     let ids = Reference::load("bitnet-2b4t-h128").ids("prompt.2.ids");
     let mut all = State::new(&model, kernels, &pool, 64);
     model
-        .forward(&pool, &mut all, &ids, Logits::All, |_, _| {})
+        .forward(&pool, &mut all, &ids, Logits::All, &mut NoProbe)
         .unwrap();
     let mut step = State::new(&model, kernels, &pool, 64);
     model
-        .forward(&pool, &mut step, &ids[..20], Logits::Last, |_, _| {})
+        .forward(&pool, &mut step, &ids[..20], Logits::Last, &mut NoProbe)
         .unwrap();
     for (i, &t) in ids[20..].iter().enumerate() {
         model
-            .forward(&pool, &mut step, &[t], Logits::Last, |_, _| {})
+            .forward(&pool, &mut step, &[t], Logits::Last, &mut NoProbe)
             .unwrap();
         let row = &all.logits[(20 + i) * vocab..(21 + i) * vocab];
         let d = row
@@ -215,11 +221,11 @@ fn bad_input_gives_clear_errors() {
     let pool = Pool::new(1);
     let mut state = State::new(&model, *Kernels::best(), &pool, 8);
     let err = model
-        .forward(&pool, &mut state, &[1, 9999], Logits::Last, |_, _| {})
+        .forward(&pool, &mut state, &[1, 9999], Logits::Last, &mut NoProbe)
         .unwrap_err();
     assert!(err.to_string().contains("token id 9999"), "{err}");
     let err = model
-        .forward(&pool, &mut state, &[1; 9], Logits::Last, |_, _| {})
+        .forward(&pool, &mut state, &[1; 9], Logits::Last, &mut NoProbe)
         .unwrap_err();
     assert!(err.to_string().contains("context is full"), "{err}");
 

@@ -33,13 +33,18 @@ pub struct WeightComparison {
     pub scale_mismatches: u64,
     pub float_values_compared: u64,
     pub float_mismatches: u64,
+    /// Config fields whose value differs from what the source's config.json gives.
+    pub config_mismatches: Vec<String>,
     /// The first mismatches (at most 20).
     pub first_mismatches: Vec<Mismatch>,
 }
 
 impl WeightComparison {
     pub fn exact(&self) -> bool {
-        self.trit_mismatches == 0 && self.scale_mismatches == 0 && self.float_mismatches == 0
+        self.trit_mismatches == 0
+            && self.scale_mismatches == 0
+            && self.float_mismatches == 0
+            && self.config_mismatches.is_empty()
     }
 
     fn record(&mut self, m: Mismatch) {
@@ -59,6 +64,20 @@ pub fn compare_with_source(
     let prepared = prepare(source, family)?;
     let ck = &prepared.checkpoint;
     let mut cmp = WeightComparison::default();
+    let field = |c: &tern_format::ModelConfig| serde_json::to_value(c).unwrap_or_default();
+    let (want, got) = (
+        field(&prepared.metadata.config),
+        field(&file.metadata().config),
+    );
+    if let (Some(want), Some(got)) = (want.as_object(), got.as_object()) {
+        for (key, w) in want {
+            if got.get(key) != Some(w) {
+                let g = got.get(key).map_or("absent".to_string(), |v| v.to_string());
+                cmp.config_mismatches
+                    .push(format!("{key}: source gives {w}, file has {g}"));
+            }
+        }
+    }
     for p in &prepared.plan {
         let Some(t) = file.tensor(&p.name) else {
             cmp.record(Mismatch {
@@ -71,6 +90,16 @@ pub fn compare_with_source(
             continue;
         };
         cmp.tensors += 1;
+        if t.shape != p.shape {
+            cmp.float_mismatches += 1;
+            cmp.record(Mismatch {
+                tensor: p.name.clone(),
+                index: vec![],
+                expected: format!("shape {:?}", p.shape),
+                found: format!("shape {:?}", t.shape),
+            });
+            continue;
+        }
         let src = ck.get(p.origin.src()).expect("planned tensors exist");
         let data = ck.read(src)?;
         match &p.origin {
@@ -105,6 +134,17 @@ pub fn compare_with_source(
                 compare_trits(file, t, p, expected, &mut cmp);
                 compare_scale(t, 1.0 / sw, &mut cmp);
             }
+        }
+    }
+    for t in file.tensors() {
+        if !prepared.plan.iter().any(|p| p.name == t.name) {
+            cmp.float_mismatches += 1;
+            cmp.record(Mismatch {
+                tensor: t.name.clone(),
+                index: vec![],
+                expected: "absent (the source has no such tensor)".into(),
+                found: "present".into(),
+            });
         }
     }
     Ok(cmp)

@@ -8,6 +8,7 @@ use tern_format::TernFile;
 
 use crate::model::{Logits, Model, State};
 use crate::pool::Pool;
+use crate::reference::NoProbe;
 use crate::sampling::Sampler;
 use crate::tokenizer::{Tokenizer, TokenizerOptions};
 use crate::InferError;
@@ -93,7 +94,7 @@ pub fn generate(
     let vocab = model.config.vocab_size as usize;
     let mut history: Vec<u32> = prompt.to_vec();
     let start = Instant::now();
-    model.forward(pool, state, prompt, Logits::Last, |_, _| {})?;
+    model.forward(pool, state, prompt, Logits::Last, &mut NoProbe)?;
     let prompt_seconds = start.elapsed().as_secs_f64();
 
     let start = Instant::now();
@@ -117,7 +118,7 @@ pub fn generate(
         if state.pos >= state.ctx {
             break StopReason::Context;
         }
-        model.forward(pool, state, &[next], Logits::Last, |_, _| {})?;
+        model.forward(pool, state, &[next], Logits::Last, &mut NoProbe)?;
     };
     Ok(Generation {
         tokens,

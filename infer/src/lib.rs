@@ -11,8 +11,10 @@ pub mod generate;
 pub mod kernels;
 pub mod model;
 pub mod pool;
+pub mod reference;
 pub mod sampling;
 pub mod tokenizer;
+pub mod verify;
 
 /// Errors of inference: always say what input was wrong.
 #[derive(Debug, thiserror::Error)]

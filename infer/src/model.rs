@@ -12,6 +12,7 @@ use tern_format::{Activation, Layout, ModelConfig, RopeStyle, TensorInfo, TernFi
 
 use crate::kernels::{Kernels, QuantRow};
 use crate::pool::{split_range, Pool};
+use crate::reference::{Probe, Site};
 use crate::InferError;
 
 /// A ternary matrix `[rows, cols]` in the TQ2 layout, borrowed from the file.
@@ -159,9 +160,6 @@ impl<'a> Model<'a> {
     /// Builds the model from views into the file (validated at open). Copies no weights.
     pub fn load(file: &'a TernFile) -> Result<Model<'a>, InferError> {
         let config = file.metadata().config.clone();
-        if config.rope_style != RopeStyle::RotateHalf {
-            return Err(InferError::Unsupported("interleaved RoPE".into()));
-        }
         let get = |name: &str| file.require(name).map_err(InferError::from);
         let embed = dense(file, get("model.embed_tokens.weight")?)?;
         let head = if config.tie_word_embeddings {
@@ -328,15 +326,19 @@ pub fn rms_norm(x: &mut [f32], weight: &[f32], eps: f32) {
     }
 }
 
-/// Rotates one head in place (rotate_half: element j pairs with j + d/2).
-fn rope(head: &mut [f32], pos: usize, inv_freq: &[f32]) {
+/// Rotates one head in place. rotate_half (Hugging Face): element j pairs with j + d/2;
+/// interleaved (Meta): 2j with 2j + 1.
+fn rope(head: &mut [f32], pos: usize, inv_freq: &[f32], style: RopeStyle) {
     let half = head.len() / 2;
     for (i, &f) in inv_freq.iter().enumerate() {
-        let angle = pos as f32 * f;
-        let (sin, cos) = angle.sin_cos();
-        let (a, b) = (head[i], head[i + half]);
-        head[i] = a * cos - b * sin;
-        head[i + half] = b * cos + a * sin;
+        let (sin, cos) = (pos as f32 * f).sin_cos();
+        let (ia, ib) = match style {
+            RopeStyle::RotateHalf => (i, i + half),
+            RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+        };
+        let (a, b) = (head[ia], head[ib]);
+        head[ia] = a * cos - b * sin;
+        head[ib] = b * cos + a * sin;
     }
 }
 
@@ -381,6 +383,11 @@ impl State {
             self.qsums[t] = row.sum;
             self.qrows[t] = row;
         }
+    }
+
+    fn probe(&self, probe: &mut dyn Probe, layer: usize, site: Site, n: usize, width: usize) {
+        let padded = width.div_ceil(128) * 128;
+        probe.activations(layer, site, &self.qact[..n * padded], padded);
     }
 
     /// `out[t, r] = scale · (Σ trit · q) / s_t` for the `n` rows quantized last.
@@ -441,16 +448,15 @@ impl State {
 
 impl Model<'_> {
     /// Runs `tokens` (at positions `state.pos..`) through the network, appending to the KV
-    /// cache. `on_hidden(i, h)` sees the hidden states `[n, hidden]` entering layer `i`
-    /// (and, for `i == layers`, after the final norm), like transformers' hidden_states.
-    /// Logits land in `state.logits`.
+    /// cache. Logits land in `state.logits`. `probe` sees hidden states and int8 activations
+    /// (for verification; pass `&mut NoProbe` otherwise).
     pub fn forward(
         &self,
         pool: &Pool,
         state: &mut State,
         tokens: &[u32],
         want: Logits,
-        mut on_hidden: impl FnMut(usize, &[f32]),
+        probe: &mut dyn Probe,
     ) -> Result<(), InferError> {
         let c = &self.config;
         let vocab = c.vocab_size as usize;
@@ -472,7 +478,7 @@ impl Model<'_> {
             } else {
                 None
             };
-            self.forward_batch(pool, state, chunk, want, &mut on_hidden);
+            self.forward_batch(pool, state, chunk, want, probe);
         }
         Ok(())
     }
@@ -483,7 +489,7 @@ impl Model<'_> {
         st: &mut State,
         tokens: &[u32],
         want: Option<Logits>,
-        on_hidden: &mut impl FnMut(usize, &[f32]),
+        probe: &mut dyn Probe,
     ) {
         let c = &self.config;
         let n = tokens.len();
@@ -501,7 +507,7 @@ impl Model<'_> {
             self.embed.row_f32(tok as usize, &mut x[t * h..(t + 1) * h]);
         }
         for (l, layer) in self.layers.iter().enumerate() {
-            on_hidden(l, &x[..n * h]);
+            probe.hidden(l, &x[..n * h]);
             // Attention block.
             let mut xn = std::mem::take(&mut st.xn);
             for t in 0..n {
@@ -509,6 +515,7 @@ impl Model<'_> {
                 rms_norm(&mut xn[t * h..(t + 1) * h], &layer.input_norm, eps);
             }
             st.quantize(&xn, n, h);
+            st.probe(probe, l, Site::Attention, n, h);
             let (mut q, mut k, mut v) = (
                 std::mem::take(&mut st.q),
                 std::mem::take(&mut st.k),
@@ -519,10 +526,10 @@ impl Model<'_> {
             st.bitlinear(pool, &layer.v, n, &mut v);
             for t in 0..n {
                 for head in q[t * attn..(t + 1) * attn].chunks_exact_mut(d) {
-                    rope(head, pos0 + t, &self.inv_freq);
+                    rope(head, pos0 + t, &self.inv_freq, c.rope_style);
                 }
                 for head in k[t * kv..(t + 1) * kv].chunks_exact_mut(d) {
-                    rope(head, pos0 + t, &self.inv_freq);
+                    rope(head, pos0 + t, &self.inv_freq, c.rope_style);
                 }
                 let at = (l * st.ctx + pos0 + t) * kv;
                 st.key_cache[at..at + kv].copy_from_slice(&k[t * kv..(t + 1) * kv]);
@@ -537,6 +544,7 @@ impl Model<'_> {
                 }
             }
             st.quantize(&att_out, n, attn);
+            st.probe(probe, l, Site::AttentionOutput, n, attn);
             st.att_out = att_out;
             st.bitlinear(pool, &layer.o, n, &mut xn);
             for (xv, o) in x[..n * h].iter_mut().zip(&xn[..n * h]) {
@@ -549,6 +557,7 @@ impl Model<'_> {
                 rms_norm(&mut xn[t * h..(t + 1) * h], &layer.post_attn_norm, eps);
             }
             st.quantize(&xn, n, h);
+            st.probe(probe, l, Site::Mlp, n, h);
             let (mut gate, mut up) = (std::mem::take(&mut st.gate), std::mem::take(&mut st.up));
             st.bitlinear(pool, &layer.gate, n, &mut gate);
             st.bitlinear(pool, &layer.up, n, &mut up);
@@ -568,6 +577,7 @@ impl Model<'_> {
                 }
             }
             st.quantize(&gate, n, inter);
+            st.probe(probe, l, Site::MlpOutput, n, inter);
             (st.gate, st.up) = (gate, up);
             st.bitlinear(pool, &layer.down, n, &mut xn);
             for (xv, o) in x[..n * h].iter_mut().zip(&xn[..n * h]) {
@@ -578,7 +588,7 @@ impl Model<'_> {
         for row in x[..n * h].chunks_exact_mut(h) {
             rms_norm(row, &self.final_norm, eps);
         }
-        on_hidden(self.layers.len(), &x[..n * h]);
+        probe.hidden(self.layers.len(), &x[..n * h]);
         st.pos += n;
 
         let rows: Vec<usize> = match want {

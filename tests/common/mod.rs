@@ -125,3 +125,39 @@ impl Reference {
         self.get(name).i64.iter().map(|&v| v as u32).collect()
     }
 }
+
+/// One tensor of a file being rewritten by a test.
+pub struct Rewritten {
+    pub spec: tern_format::TensorSpec,
+    pub scale: f32,
+    pub data: Vec<u8>,
+}
+
+/// Rewrites a valid .tern file through the real writer (so checksums stay valid) after
+/// `edit` changed its metadata or tensors: damage only `verify` can see.
+pub fn rewrite(path: &Path, edit: impl FnOnce(&mut tern_format::Metadata, &mut Vec<Rewritten>)) {
+    let file = tern_format::TernFile::open(path).unwrap();
+    let mut meta = file.metadata().clone();
+    let tokenizer = file.tokenizer_json().to_vec();
+    let mut tensors: Vec<Rewritten> = file
+        .tensors()
+        .iter()
+        .map(|t| Rewritten {
+            spec: tern_format::TensorSpec {
+                name: t.name.clone(),
+                layout: t.layout.unwrap(),
+                shape: t.shape.clone(),
+            },
+            scale: t.scale,
+            data: file.data(t).to_vec(),
+        })
+        .collect();
+    drop(file);
+    edit(&mut meta, &mut tensors);
+    let specs = tensors.iter().map(|t| t.spec.clone()).collect();
+    let mut w = tern_format::Writer::create(path, &meta, &tokenizer, specs).unwrap();
+    for t in &tensors {
+        w.write_tensor(&t.spec.name, t.scale, &t.data).unwrap();
+    }
+    w.finish().unwrap();
+}

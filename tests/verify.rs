@@ -1,0 +1,212 @@
+//! `tern verify` passes faithful conversions and fails damaged ones, pointing at the fault.
+
+use crate::common::*;
+
+fn verify(path: &std::path::Path, name: &str, extra: &[&str]) -> (i32, serde_json::Value) {
+    let src = fixture(name);
+    let reference = src.join("reference.safetensors");
+    let mut args = vec![
+        "verify",
+        path.to_str().unwrap(),
+        "--source",
+        src.to_str().unwrap(),
+        "--reference",
+        reference.to_str().unwrap(),
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let out = tern(&args);
+    let doc = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code().unwrap(), doc)
+}
+
+fn failures(doc: &serde_json::Value) -> String {
+    doc["failures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap().to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn every_fixture_conversion_is_faithful() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in FIXTURES {
+        let path = convert(name, dir.path());
+        let (code, doc) = verify(&path, name, &[]);
+        assert_eq!(code, 0, "{name}: {}", failures(&doc));
+        assert_eq!(doc["faithful"], true);
+        assert_eq!(doc["source"]["trit_mismatches"], 0);
+        let k = &doc["kernel_parity"];
+        assert!(k["top1"].as_f64().unwrap() >= 0.95, "{name}: {k}");
+        // Layer 1's input comes from layer 0 alone: before any flip, fast and reference
+        // agree to float rounding.
+        let l1 = &k["layers"][1];
+        if l1["flips"] == 0 {
+            assert!(l1["max_rel"].as_f64().unwrap() < 1e-4, "{name}: {l1}");
+        }
+    }
+    // The human report says it in its first line.
+    let path = dir.path().join("llama-bitlinear.tern");
+    let text = tern_ok(&["verify", path.to_str().unwrap(), "--no-parity"]);
+    assert!(text.starts_with("FAITHFUL"), "{text}");
+}
+
+fn ternary_index(t: &[Rewritten], name: &str) -> usize {
+    t.iter().position(|x| x.spec.name == name).unwrap()
+}
+
+#[test]
+fn one_flipped_trit_is_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = convert("bitnet-2b4t-h64", dir.path());
+    rewrite(&path, |_, t| {
+        let i = ternary_index(t, "model.layers.1.mlp.down_proj.weight");
+        // Row 3, column 5 (block 0, byte 5, bits 1:0): flip the trit's code between 0 and 2.
+        let at = 3 * tern_format::tq2::row_bytes(344) as usize + 5;
+        let code = t[i].data[at] & 3;
+        t[i].data[at] = (t[i].data[at] & !3) | if code == 2 { 0 } else { 2 };
+    });
+    let (code, doc) = verify(&path, "bitnet-2b4t-h64", &["--no-parity"]);
+    assert_eq!(code, 1);
+    assert_eq!(doc["source"]["trit_mismatches"], 1);
+    let m = &doc["source"]["first_mismatches"][0];
+    assert_eq!(m["tensor"], "model.layers.1.mlp.down_proj.weight");
+    assert_eq!(m["index"], serde_json::json!([3, 5]));
+}
+
+#[test]
+fn a_scale_with_the_wrong_convention_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = convert("llama-bitlinear", dir.path());
+    // As if the converter multiplied by a 1/mean|W| weight_scale instead of dividing.
+    rewrite(&path, |_, t| {
+        for x in t.iter_mut().filter(|x| x.spec.layout.is_ternary()) {
+            x.scale = 1.0 / x.scale;
+        }
+    });
+    let (code, doc) = verify(&path, "llama-bitlinear", &[]);
+    assert_eq!(code, 1);
+    let f = failures(&doc);
+    assert!(
+        f.contains("scales") && f.contains("weights differ from the source"),
+        "{f}"
+    );
+    assert!(
+        f.contains("against transformers"),
+        "the logits must show it too: {f}"
+    );
+    assert_eq!(doc["source"]["scale_mismatches"], 14);
+}
+
+#[test]
+fn swapped_row_blocks_fail() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = convert("bitnet-2b4t-h128", dir.path());
+    // A converter that misread the packing: the first two row blocks of q_proj swapped.
+    rewrite(&path, |_, t| {
+        let i = ternary_index(t, "model.layers.0.self_attn.q_proj.weight");
+        let rows = t[i].spec.shape[0] as usize;
+        let rb = tern_format::tq2::row_bytes(t[i].spec.shape[1]) as usize;
+        let block = rows / 4 * rb;
+        let (a, b) = t[i].data.split_at_mut(block);
+        a.swap_with_slice(&mut b[..block]);
+    });
+    let (code, doc) = verify(&path, "bitnet-2b4t-h128", &[]);
+    assert_eq!(code, 1);
+    let m = &doc["source"]["first_mismatches"][0];
+    assert_eq!(m["tensor"], "model.layers.0.self_attn.q_proj.weight");
+    assert!(
+        failures(&doc).contains("against transformers"),
+        "{}",
+        failures(&doc)
+    );
+}
+
+#[test]
+fn a_wrong_head_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = convert("bitnet-2b4t-h64", dir.path());
+    // The tied head replaced by another tensor: an lm_head holding the embedding rows
+    // in reverse order.
+    rewrite(&path, |meta, t| {
+        meta.config.tie_word_embeddings = false;
+        let e = &t[ternary_index(t, "model.embed_tokens.weight")];
+        let row = e.spec.shape[1] as usize * 2;
+        let data: Vec<u8> = e.data.chunks_exact(row).rev().flatten().copied().collect();
+        let head = Rewritten {
+            spec: tern_format::TensorSpec {
+                name: "lm_head.weight".into(),
+                ..e.spec.clone()
+            },
+            scale: 1.0,
+            data,
+        };
+        t.push(head);
+    });
+    let (code, doc) = verify(&path, "bitnet-2b4t-h64", &[]);
+    assert_eq!(code, 1);
+    let f = failures(&doc);
+    assert!(
+        f.contains("tie_word_embeddings") && f.contains("lm_head.weight"),
+        "{f}"
+    );
+    assert!(f.contains("top-1 agreement with transformers"), "{f}");
+}
+
+#[test]
+fn interleaved_rope_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = convert("bitnet-2b4t-h64", dir.path());
+    rewrite(&path, |meta, _| {
+        meta.config.rope_style = tern_format::RopeStyle::Interleaved
+    });
+    // Weights are intact; only the reference logits (and the config check) can tell.
+    let reference = fixture("bitnet-2b4t-h64").join("reference.safetensors");
+    let out = tern(&[
+        "verify",
+        path.to_str().unwrap(),
+        "--reference",
+        reference.to_str().unwrap(),
+        "--no-parity",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("NOT FAITHFUL") && text.contains("transformers"),
+        "{text}"
+    );
+    let (code, doc) = verify(&path, "bitnet-2b4t-h64", &["--no-parity"]);
+    assert_eq!(code, 1);
+    assert!(failures(&doc).contains("rope_style"), "{}", failures(&doc));
+}
+
+#[test]
+fn a_damaged_file_fails_integrity() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = convert("1bitllm", dir.path());
+    let file = tern_format::TernFile::open(&path).unwrap();
+    let t = file
+        .tensor("model.layers.0.mlp.up_proj.weight")
+        .unwrap()
+        .clone();
+    drop(file);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[t.offset as usize + 100] ^= 0x20;
+    std::fs::write(&path, &bytes).unwrap();
+    let out = tern(&["verify", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("model.layers.0.mlp.up_proj.weight is damaged"),
+        "{text}"
+    );
+}
