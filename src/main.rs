@@ -29,6 +29,8 @@ enum Command {
     /// Prove a conversion faithful: checksums, exact weights (--source), kernel parity
     /// with the f32 reference forward, agreement with transformers (--reference)
     Verify(cmd::verify::Args),
+    /// Write a random model of a real shape (for benchmarks), as .tern or as a HF checkpoint
+    Synth(cmd::synth::Args),
     /// Hold a conversation using the model's chat template (interactive, or lines on stdin)
     Chat(cmd::chat::Args),
 }
@@ -42,6 +44,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => cmd::generate::run(args),
         Command::Chat(args) => cmd::chat::run(args),
         Command::Verify(args) => cmd::verify::run(args),
+        Command::Synth(args) => cmd::synth::run(args),
     };
     match result {
         Ok(code) => code,

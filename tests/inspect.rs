@@ -49,7 +49,7 @@ fn inspect_reports_the_model_and_checks_the_file() {
 fn inspect_of_a_bad_file_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("junk.tern");
-    std::fs::write(&path, &[b'x'; 100]).unwrap();
+    std::fs::write(&path, [b'x'; 100]).unwrap();
     let err = tern_fails(&["inspect", path.to_str().unwrap()], 2);
     assert!(
         err.contains("junk.tern") && err.contains("bad magic"),

@@ -10,6 +10,7 @@ mod error;
 pub mod family;
 pub mod hub;
 pub mod source;
+pub mod synth;
 pub mod ternary;
 
 use std::path::{Path, PathBuf};
@@ -128,60 +129,37 @@ pub fn convert(
             shape: p.shape.clone(),
         });
     }
-    metadata.provenance.source_files = hash_files(&ck)?;
+    // The sha256 of the sources is computed while the tensors are converted: the metadata
+    // is written with same-length placeholders and replaced at the end.
+    metadata.provenance.source_files = ck
+        .source_files()
+        .iter()
+        .map(|p| SourceFile {
+            name: file_name(p),
+            bytes: std::fs::metadata(p).map_or(0, |m| m.len()),
+            sha256: "0".repeat(64),
+        })
+        .collect();
     let tokenizer = ck.tokenizer_json.as_deref().unwrap_or_default();
-    let mut writer = Writer::create(output, &metadata, tokenizer, specs.clone())?;
-
-    let mut done = 0u64;
-    progress(0, total);
-    for (p, spec) in plan.iter().zip(&specs) {
-        let src = ck.get(p.origin.src()).expect("planned tensors exist");
-        match &p.origin {
-            family::Origin::Float { .. } => {
-                copy_float(&ck, src, &p.name, &mut writer, &mut warnings)?;
-            }
-            family::Origin::Packed { scale, .. } => {
-                let scale_src = ck.get(scale).expect("planned tensors exist");
-                let scale = ternary::normalized_scale(
-                    &ck.read(scale_src)?,
-                    scale_src.dtype,
-                    family.scale_convention(),
-                )
-                .map_err(|e| ck.tensor_error(scale_src, e))?;
-                let packed = ck.read(src)?;
-                let (rows, cols) = (p.shape[0] as usize, p.shape[1] as usize);
-                if packed.iter().all(|&b| b == 0) {
-                    warnings.push(format!(
-                        "{}: packed tensor is all 0x00, i.e. every weight is −1 (a zeroed upload?)",
-                        src.name
-                    ));
-                }
-                let tq = ternary::packed_to_tq2(&packed, rows, cols).map_err(|(r, c)| {
-                    ck.tensor_error(
-                        src,
-                        format!("invalid code 3 for output row {r}, column {c}"),
-                    )
-                })?;
-                writer.write_tensor(&spec.name, scale, &tq)?;
-            }
-            family::Origin::Masters { .. } => {
-                let w = ternary::to_f32(&ck.read(src)?, src.dtype)
-                    .map_err(|e| ck.tensor_error(src, e))?;
-                if w.iter().all(|&x| x == 0.0) {
-                    warnings.push(format!("{}: master weights are all zero", src.name));
-                }
-                let (tq, scale) =
-                    ternary::ternarize_masters(&w, p.shape[0] as usize, p.shape[1] as usize);
-                writer.write_tensor(&spec.name, scale, &tq)?;
-            }
-        }
-        done += src.len;
-        progress(done, total);
-    }
+    let mut writer = Writer::create(output, &metadata, tokenizer, specs)?;
+    std::thread::scope(|scope| -> Result<()> {
+        let hashes = scope.spawn(|| hash_files(&ck));
+        convert_tensors(
+            &ck,
+            family,
+            &plan,
+            &mut writer,
+            &mut warnings,
+            total,
+            progress,
+        )?;
+        metadata.provenance.source_files = hashes.join().expect("hashing does not panic")?;
+        Ok(())
+    })?;
     if options.strict && !warnings.is_empty() {
         return Err(ConvertError::Strict(warnings)); // dropping the writer removes its file
     }
-    writer.finish()?;
+    writer.finish_with(Some(&metadata))?;
     let output_bytes = std::fs::metadata(output).map_err(error::io(output))?.len();
     Ok(Report {
         source: source.to_path_buf(),
@@ -192,6 +170,154 @@ pub fn convert(
         output_bytes,
         seconds: start.elapsed().as_secs_f64(),
         warnings,
+    })
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+}
+
+/// A piece of output on its way from the converting thread to the writing one.
+enum Piece {
+    Begin { name: String, scale: f32 },
+    Data(Vec<u8>),
+    End { source_bytes: u64 },
+}
+
+/// Converts and writes every planned tensor, in order. One thread reads and converts
+/// (ternary transforms in parallel with rayon) while this one writes, so reading, the
+/// transforms, checksumming and writing overlap; the channel bounds memory to a few
+/// tensors.
+#[allow(clippy::too_many_arguments)]
+fn convert_tensors(
+    ck: &Checkpoint,
+    family: Family,
+    plan: &[family::Planned],
+    writer: &mut Writer,
+    warnings: &mut Vec<String>,
+    total: u64,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<()> {
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Piece>>(3);
+        let producer = scope.spawn(move || {
+            let mut warnings = Vec::new();
+            for p in plan {
+                let sent = produce(ck, family, p, &mut warnings, &tx);
+                if let Err(e) = sent {
+                    let _ = tx.send(Err(e));
+                    break;
+                }
+            }
+            warnings
+        });
+        let mut done = 0u64;
+        progress(0, total);
+        let written = rx.iter().try_for_each(|piece| -> Result<()> {
+            match piece? {
+                Piece::Begin { name, scale } => writer.begin_tensor(&name, scale)?,
+                Piece::Data(bytes) => writer.write_chunk(&bytes)?,
+                Piece::End { source_bytes } => {
+                    writer.end_tensor()?;
+                    done += source_bytes;
+                    progress(done, total);
+                }
+            }
+            Ok(())
+        });
+        drop(rx); // a writing error stops the producer at its next send
+        warnings.extend(
+            producer
+                .join()
+                .expect("the converting thread does not panic"),
+        );
+        written
+    })
+}
+
+/// Reads and converts one tensor, sending its pieces. Sending fails only when the writer
+/// has stopped, which then reports its own error.
+fn produce(
+    ck: &Checkpoint,
+    family: Family,
+    p: &family::Planned,
+    warnings: &mut Vec<String>,
+    tx: &std::sync::mpsc::SyncSender<Result<Piece>>,
+) -> Result<()> {
+    let send = |piece: Piece| {
+        tx.send(Ok(piece))
+            .map_err(|_| ConvertError::Unsupported("writer stopped".into()))
+    };
+    let src = ck.get(p.origin.src()).expect("planned tensors exist");
+    let name = p.name.clone();
+    match &p.origin {
+        family::Origin::Float { .. } => {
+            const CHUNK: u64 = 16 << 20;
+            send(Piece::Begin { name, scale: 1.0 })?;
+            let elem = src.dtype.size() as u64;
+            let mut all_zero = true;
+            let mut offset = 0;
+            while offset < src.len {
+                let n = CHUNK.min(src.len - offset) as usize;
+                let mut chunk = vec![0u8; n];
+                ck.read_range(src, offset, &mut chunk)?;
+                let scan = ternary::scan_floats(&chunk, src.dtype);
+                if let Some(i) = scan.non_finite {
+                    return Err(ck.tensor_error(
+                        src,
+                        format!("element {} is NaN or infinite", offset / elem + i),
+                    ));
+                }
+                all_zero &= scan.all_zero;
+                send(Piece::Data(chunk))?;
+                offset += n as u64;
+            }
+            if all_zero {
+                warnings.push(format!("{}: tensor is all zero", src.name));
+            }
+        }
+        family::Origin::Packed { scale, .. } => {
+            let scale_src = ck.get(scale).expect("planned tensors exist");
+            let scale = ternary::normalized_scale(
+                &ck.read(scale_src)?,
+                scale_src.dtype,
+                family.scale_convention(),
+            )
+            .map_err(|e| ck.tensor_error(scale_src, e))?;
+            let packed = ck.read(src)?;
+            let (rows, cols) = (p.shape[0] as usize, p.shape[1] as usize);
+            if packed.iter().all(|&b| b == 0) {
+                warnings.push(format!(
+                    "{}: packed tensor is all 0x00, i.e. every weight is −1 (a zeroed upload?)",
+                    src.name
+                ));
+            }
+            let tq = ternary::packed_to_tq2(&packed, rows, cols).map_err(|(r, c)| {
+                ck.tensor_error(
+                    src,
+                    format!("invalid code 3 for output row {r}, column {c}"),
+                )
+            })?;
+            send(Piece::Begin { name, scale })?;
+            send(Piece::Data(tq))?;
+        }
+        family::Origin::Masters { .. } => {
+            let (rows, cols) = (p.shape[0] as usize, p.shape[1] as usize);
+            let t = ternary::ternarize_masters(&ck.read(src)?, src.dtype, rows, cols)
+                .map_err(|e| ck.tensor_error(src, e))?;
+            if t.all_zero {
+                warnings.push(format!("{}: master weights are all zero", src.name));
+            }
+            send(Piece::Begin {
+                name,
+                scale: t.scale,
+            })?;
+            send(Piece::Data(t.tq2))?;
+        }
+    }
+    send(Piece::End {
+        source_bytes: src.len,
     })
 }
 
@@ -257,42 +383,6 @@ fn output_layout(
     }
 }
 
-/// Copies a float tensor in its stored precision, in chunks, rejecting NaN/inf.
-fn copy_float(
-    ck: &Checkpoint,
-    src: &source::SourceTensor,
-    name: &str,
-    writer: &mut Writer,
-    warnings: &mut Vec<String>,
-) -> Result<()> {
-    const CHUNK: u64 = 16 << 20;
-    writer.begin_tensor(name, 1.0)?;
-    let elem = src.dtype.size() as u64;
-    let mut buf = vec![0u8; CHUNK.min(src.len) as usize];
-    let mut all_zero = true;
-    let mut offset = 0;
-    while offset < src.len {
-        let n = CHUNK.min(src.len - offset) as usize;
-        let chunk = &mut buf[..n];
-        ck.read_range(src, offset, chunk)?;
-        let scan = ternary::scan_floats(chunk, src.dtype);
-        if let Some(i) = scan.non_finite {
-            return Err(ck.tensor_error(
-                src,
-                format!("element {} is NaN or infinite", offset / elem + i),
-            ));
-        }
-        all_zero &= scan.all_zero;
-        writer.write_chunk(chunk)?;
-        offset += n as u64;
-    }
-    writer.end_tensor()?;
-    if all_zero {
-        warnings.push(format!("{}: tensor is all zero", src.name));
-    }
-    Ok(())
-}
-
 /// sha256 of every source file, in parallel.
 fn hash_files(ck: &Checkpoint) -> Result<Vec<SourceFile>> {
     ck.source_files()
@@ -311,11 +401,8 @@ fn hash_files(ck: &Checkpoint) -> Result<Vec<SourceFile>> {
                 hasher.update(&buf[..n]);
                 bytes += n as u64;
             }
-            let name = path
-                .file_name()
-                .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
             Ok(SourceFile {
-                name,
+                name: file_name(path),
                 bytes,
                 sha256: format!("{:x}", hasher.finalize()),
             })

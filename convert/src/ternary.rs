@@ -13,81 +13,172 @@ use tern_format::ScaleConvention;
 pub fn packed_to_tq2(packed: &[u8], out_rows: usize, cols: usize) -> Result<Vec<u8>, (u64, u64)> {
     let r_rows = out_rows / 4;
     debug_assert_eq!(packed.len(), r_rows * cols);
+    // A byte holds an invalid code iff one of its 2-bit fields is 0b11.
+    if let Some(i) = packed.iter().position(|&b| b & (b >> 1) & 0x55 != 0) {
+        let (r, c) = (i / cols, i % cols);
+        let field = (0..4)
+            .find(|k| (packed[i] >> (2 * k)) & 3 == 3)
+            .unwrap_or(0);
+        return Err(((field * r_rows + r) as u64, c as u64));
+    }
     let row_bytes = tq2::row_bytes(cols as u64) as usize;
+    let full_blocks = cols / BLOCK_COLS;
     let mut out = vec![0u8; out_rows * row_bytes];
     out.par_chunks_mut(row_bytes)
         .enumerate()
-        .try_for_each(|(o, dst)| {
+        .for_each(|(o, dst)| {
             let (i, r) = (o / r_rows, o % r_rows);
             let src = &packed[r * cols..(r + 1) * cols];
             let shift = 2 * i as u32;
-            for (b, block) in dst.chunks_exact_mut(BLOCK_BYTES).enumerate() {
-                let base = b * BLOCK_COLS;
+            let code = |b: u8| (b >> shift) & 3;
+            // Whole blocks: four 32-column strips interleave into 32 bytes (vectorizes).
+            for (b, block) in dst
+                .chunks_exact_mut(BLOCK_BYTES)
+                .take(full_blocks)
+                .enumerate()
+            {
+                let s = &src[b * BLOCK_COLS..(b + 1) * BLOCK_COLS];
+                for (j, byte) in block.iter_mut().enumerate() {
+                    *byte = code(s[j])
+                        | code(s[j + 32]) << 2
+                        | code(s[j + 64]) << 4
+                        | code(s[j + 96]) << 6;
+                }
+            }
+            // The ragged last block: padding columns hold code 1.
+            if full_blocks * BLOCK_COLS < cols {
+                let base = full_blocks * BLOCK_COLS;
+                let block = &mut dst[full_blocks * BLOCK_BYTES..];
                 for (j, byte) in block.iter_mut().enumerate() {
                     let mut v = 0u8;
                     for k in 0..4 {
                         let c = base + j + 32 * k;
-                        let code = if c < cols { (src[c] >> shift) & 3 } else { 1 };
-                        v |= code << (2 * k);
+                        v |= if c < cols { code(src[c]) } else { 1 } << (2 * k);
                     }
                     *byte = v;
                 }
             }
-            match tq2::find_invalid(dst, cols) {
-                Some(col) => Err((o as u64, col as u64)),
-                None => Ok(()),
-            }
-        })?;
+        });
     Ok(out)
 }
 
-/// Converts float master bytes of `dtype` to f32, or says which element is not finite.
+/// Decodes little-endian float bytes of `dtype` into `out`.
+fn decode(bytes: &[u8], dtype: Dtype, out: &mut [f32]) {
+    match dtype {
+        Dtype::BF16 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = bf16::from_le_bytes([b[0], b[1]]).to_f32();
+            }
+        }
+        Dtype::F16 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = f16::from_le_bytes([b[0], b[1]]).to_f32();
+            }
+        }
+        _ => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+    }
+}
+
+fn check_float_dtype(dtype: Dtype) -> Result<usize, String> {
+    match dtype {
+        Dtype::BF16 | Dtype::F16 => Ok(2),
+        Dtype::F32 => Ok(4),
+        other => Err(format!("dtype {other:?} is not a float type tern reads")),
+    }
+}
+
+/// Converts float bytes of `dtype` to f32, or says which element is not finite.
 pub fn to_f32(bytes: &[u8], dtype: Dtype) -> Result<Vec<f32>, String> {
-    let v: Vec<f32> = match dtype {
-        Dtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        Dtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        Dtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
-        other => return Err(format!("dtype {other:?} is not a float type tern reads")),
-    };
+    let size = check_float_dtype(dtype)?;
+    let mut v = vec![0.0f32; bytes.len() / size];
+    decode(bytes, dtype, &mut v);
     if let Some(i) = v.iter().position(|x| !x.is_finite()) {
         return Err(format!("element {i} is {} (NaN or infinite)", v[i]));
     }
     Ok(v)
 }
 
-/// transformers' `WeightQuant` (checkpoints.md §4.3): `sw = 1 / max(mean|w|, 1e-5)` in f32,
-/// `t = clamp(round_half_even(w · sw), −1, 1)`. Returns TQ2 bytes and the scale `1 / sw`.
-pub fn ternarize_masters(w: &[f32], rows: usize, cols: usize) -> (Vec<u8>, f32) {
-    // The mean is accumulated in f64 and rounded once: the correctly rounded f32 mean.
-    let sum: f64 = w
-        .par_chunks(1 << 16)
-        .map(|c| c.iter().map(|x| f64::from(x.abs())).sum::<f64>())
-        .sum();
-    let mean = (sum / w.len() as f64) as f32;
+/// What ternarizing a master tensor produced.
+pub struct Ternarized {
+    pub tq2: Vec<u8>,
+    /// `1 / sw`: true weight = scale × trit.
+    pub scale: f32,
+    pub all_zero: bool,
+}
+
+/// transformers' `WeightQuant` (checkpoints.md §4.3) on raw master bytes `[rows, cols]`:
+/// `sw = 1 / max(mean|w|, 1e-5)` in f32, `t = clamp(round_half_even(w · sw), −1, 1)`.
+/// Rows are decoded and ternarized in parallel, straight into TQ2 bytes.
+pub fn ternarize_masters(
+    bytes: &[u8],
+    dtype: Dtype,
+    rows: usize,
+    cols: usize,
+) -> Result<Ternarized, String> {
+    let size = check_float_dtype(dtype)?;
+    let row_in = cols * size;
+    // Pass 1: Σ|w| (in f64, rounded once: the correctly rounded mean) and finiteness.
+    let (sum, bad) = bytes
+        .par_chunks(row_in)
+        .enumerate()
+        .map_init(
+            || vec![0.0f32; cols],
+            |buf, (r, row)| {
+                decode(row, dtype, buf);
+                let bad = buf
+                    .iter()
+                    .position(|x| !x.is_finite())
+                    .map(|c| r * cols + c);
+                (buf.iter().map(|x| f64::from(x.abs())).sum::<f64>(), bad)
+            },
+        )
+        .reduce(|| (0.0, None), |a, b| (a.0 + b.0, a.1.or(b.1)));
+    if let Some(i) = bad {
+        return Err(format!("element {i} is NaN or infinite"));
+    }
+    let mean = (sum / (rows * cols) as f64) as f32;
     let sw = 1.0f32 / mean.max(1e-5);
+    // clamp(round_half_even(y), -1, 1) + 1 without a rounding call (x86-64's baseline has
+    // no round instruction, so `round_ties_even` is a libm call): y = ±0.5 rounds to 0, and
+    // anything beyond ±0.5 reaches ±1 after clamping.
+    let code = |x: f32| {
+        let y = x * sw;
+        1 + u8::from(y > 0.5) - u8::from(y < -0.5)
+    };
+    // Pass 2: codes, four 32-column strips per 32-byte block.
     let row_bytes = tq2::row_bytes(cols as u64) as usize;
+    let blocks = row_bytes / BLOCK_BYTES;
     let mut out = vec![0u8; rows * row_bytes];
     out.par_chunks_mut(row_bytes)
-        .zip(w.par_chunks(cols))
+        .zip(bytes.par_chunks(row_in))
         .for_each_init(
-            || vec![0i8; cols],
-            |trits, (dst, src)| {
-                for (t, &x) in trits.iter_mut().zip(src) {
-                    *t = (x * sw).round_ties_even().clamp(-1.0, 1.0) as i8;
+            || vec![0.0f32; blocks * BLOCK_COLS],
+            |buf, (dst, src)| {
+                decode(src, dtype, &mut buf[..cols]);
+                // Padding reads as 0.0, whose code is 1 (trit 0), as the format requires.
+                buf[cols..].fill(0.0);
+                for (block, w) in dst
+                    .chunks_exact_mut(BLOCK_BYTES)
+                    .zip(buf.chunks_exact(BLOCK_COLS))
+                {
+                    for (j, byte) in block.iter_mut().enumerate() {
+                        *byte = code(w[j])
+                            | code(w[j + 32]) << 2
+                            | code(w[j + 64]) << 4
+                            | code(w[j + 96]) << 6;
+                    }
                 }
-                tq2::pack_row(trits, dst);
             },
         );
-    (out, 1.0 / sw)
+    Ok(Ternarized {
+        tq2: out,
+        scale: 1.0 / sw,
+        all_zero: sum == 0.0,
+    })
 }
 
 /// Reads a one-element `weight_scale` (bf16, f16 or f32; shape `[1]` or `[]`) and returns
@@ -101,7 +192,7 @@ pub fn normalized_scale(
     let [ws] = v[..] else {
         return Err(format!("weight_scale has {} elements, expected 1", v.len()));
     };
-    if !(ws > 0.0) {
+    if ws.is_nan() || ws <= 0.0 {
         return Err(format!("weight_scale is {ws}, must be positive"));
     }
     let scale = match convention {
@@ -210,7 +301,9 @@ mod tests {
         let w = [0.5f32, 1.5, -0.5, -1.5, 0.25, -0.75, 1.25, -0.0];
         let mean: f32 = w.iter().map(|x| x.abs()).sum::<f32>() / 8.0;
         assert_eq!(mean, 0.78125);
-        let (tq, scale) = ternarize_masters(&w, 1, 8);
+        let bytes: Vec<u8> = w.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let t8 = ternarize_masters(&bytes, Dtype::F32, 1, 8).unwrap();
+        let (tq, scale) = (t8.tq2, t8.scale);
         assert_eq!(scale, 1.0 / (1.0 / mean));
         let mut t = vec![0i8; 8];
         tq2::unpack_row(&tq, &mut t).unwrap();
@@ -225,7 +318,9 @@ mod tests {
 
     #[test]
     fn zero_masters_give_zero_trits() {
-        let (tq, scale) = ternarize_masters(&[0.0; 4], 1, 4);
+        let t = ternarize_masters(&[0u8; 16], Dtype::F32, 1, 4).unwrap();
+        assert!(t.all_zero);
+        let (tq, scale) = (t.tq2, t.scale);
         assert_eq!(scale, 1e-5);
         let mut t = vec![9i8; 4];
         tq2::unpack_row(&tq, &mut t).unwrap();

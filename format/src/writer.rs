@@ -35,6 +35,8 @@ pub struct Writer {
     pos: u64,
     /// Hash state and byte count of the tensor being written.
     open: Option<(xxhash_rust::xxh3::Xxh3, u64)>,
+    meta_len: usize,
+    rewrite_meta: bool,
 }
 
 impl Writer {
@@ -126,6 +128,8 @@ impl Writer {
             next: 0,
             pos: 0,
             open: None,
+            meta_len: meta.len(),
+            rewrite_meta: false,
         };
         let prefix = std::mem::take(&mut writer.prefix);
         writer.write_all(&prefix)?;
@@ -210,7 +214,22 @@ impl Writer {
     }
 
     /// Writes the directory and header checksum, syncs, and renames the file into place.
-    pub fn finish(mut self) -> Result<(), Error> {
+    pub fn finish(self) -> Result<(), Error> {
+        self.finish_with(None)
+    }
+
+    /// As [`Writer::finish`], replacing the metadata given to `create` by `metadata`, whose
+    /// JSON must have exactly the same length (e.g. hashes computed while the tensors were
+    /// written, replacing same-length placeholders).
+    pub fn finish_with(mut self, metadata: Option<&Metadata>) -> Result<(), Error> {
+        if let Some(m) = metadata {
+            let json = serde_json::to_vec_pretty(m).map_err(|e| self.fail(e.to_string()))?;
+            if json.len() != self.meta_len {
+                return Err(self.fail("replacement metadata changed length".into()));
+            }
+            self.prefix[HEADER_LEN..HEADER_LEN + json.len()].copy_from_slice(&json);
+            self.rewrite_meta = true;
+        }
         if self.open.is_some() {
             return Err(self.fail("a tensor was begun but not ended".into()));
         }
@@ -246,6 +265,11 @@ impl Writer {
         };
         let out = self.out.take().expect("writer used after finish");
         let mut file = out.into_inner().map_err(|e| io(e.into_error()))?;
+        if self.rewrite_meta {
+            let meta = &self.prefix[HEADER_LEN..HEADER_LEN + self.meta_len];
+            file.seek(SeekFrom::Start(HEADER_LEN as u64)).map_err(io)?;
+            file.write_all(meta).map_err(io)?;
+        }
         file.seek(SeekFrom::Start(self.dir_offset)).map_err(io)?;
         file.write_all(&dir).map_err(io)?;
         file.sync_all().map_err(io)?;

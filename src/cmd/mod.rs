@@ -6,6 +6,7 @@ pub mod convert;
 pub mod generate;
 pub mod inspect;
 pub mod run;
+pub mod synth;
 pub mod verify;
 
 use std::io::IsTerminal;

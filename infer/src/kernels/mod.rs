@@ -1,1 +1,465 @@
-//! (in progress)
+//! Compute kernels: TQ2 ternary GEMV/GEMM over int8 activations, per-token activation
+//! quantization, and dense (f32/f16/bf16) GEMV, with runtime ISA dispatch.
+//!
+//! [`scalar`] holds the reference kernels: they are the executable specification, and every
+//! SIMD kernel must give **bit-identical** integer results (and a quantization that is
+//! identical bit for bit). The dense float kernels accumulate in f32 and may differ from the
+//! scalar ones by reassociation only.
+//!
+//! The kernel set is chosen once per process by [`Kernels::best`] (environment variable
+//! `TERN_KERNEL=scalar|avx2|avx512|neon|auto` forces one), or explicitly with
+//! [`Kernels::select`] / [`Kernels::for_isa`]. A [`Kernels`] value can only be built for an
+//! ISA the running CPU supports, which is what makes calling its SIMD function pointers sound.
+//!
+//! TQ2 layout (`docs/format.md` §6.1): a row of `cols` trits is `nb = ceil(cols/128)` blocks
+//! of 32 bytes; byte `j` of block `b` holds the codes `t + 1` of columns `128b + j + 32i` in
+//! bits `[2i+1 : 2i]`, `i = 0..4`; padding columns hold code 1 (trit 0).
+
+use std::fmt;
+use std::sync::OnceLock;
+
+pub mod scalar;
+
+#[cfg(target_arch = "x86_64")]
+mod x86_64 {
+    pub mod avx2;
+    pub mod avx512;
+}
+
+#[cfg(target_arch = "aarch64")]
+mod aarch64 {
+    pub mod neon;
+}
+
+#[cfg(test)]
+mod tests;
+
+pub use scalar::{tq2_pack_row, tq2_row_bytes, tq2_unpack_row};
+
+/// Columns per TQ2 block.
+pub const TQ2_BLOCK_COLS: usize = 128;
+/// Bytes per TQ2 block.
+pub const TQ2_BLOCK_BYTES: usize = 32;
+
+/// Result of quantizing one activation row (see [`Kernels::quantize_row`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct QuantRow {
+    /// `s = 127 / max(max|x|, 1e-5)`: the int8 values are `x · s` rounded; divide by it to
+    /// get back to the activation scale.
+    pub scale: f32,
+    /// `Σ q_k` over the whole (padded) int8 row, as needed by the TQ2 kernels.
+    pub sum: i32,
+}
+
+/// An instruction set a kernel table can be built for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Isa {
+    /// Portable Rust, always available.
+    Scalar,
+    /// x86-64 AVX2 (with FMA and F16C, which every AVX2 CPU has).
+    Avx2,
+    /// x86-64 AVX-512 F+BW (uses AVX-512 VNNI `vpdpbusd` when the CPU has it).
+    Avx512,
+    /// AArch64 Advanced SIMD (uses `sdot` when the CPU has the dot-product extension).
+    Neon,
+}
+
+impl Isa {
+    /// Every ISA, best first (the order [`Kernels::select`] tries them in).
+    pub const ALL: [Isa; 4] = [Isa::Avx512, Isa::Avx2, Isa::Neon, Isa::Scalar];
+
+    /// Lower-case name, as accepted by [`Isa::parse`] and `TERN_KERNEL`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+            Isa::Neon => "neon",
+        }
+    }
+
+    /// Parses a name (case-insensitive, surrounding whitespace ignored).
+    pub fn parse(s: &str) -> Option<Isa> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "scalar" => Some(Isa::Scalar),
+            "avx2" => Some(Isa::Avx2),
+            "avx512" | "avx-512" => Some(Isa::Avx512),
+            "neon" => Some(Isa::Neon),
+            _ => None,
+        }
+    }
+
+    /// Whether the running CPU (and this build's target architecture) supports this ISA.
+    pub fn available(self) -> bool {
+        match self {
+            Isa::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                Isa::Avx2.available()
+                    && is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+            }
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => std::arch::is_aarch64_feature_detected!("neon"),
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+
+    /// The available ISAs, best first (always ends with [`Isa::Scalar`]).
+    pub fn all_available() -> Vec<Isa> {
+        Isa::ALL.into_iter().filter(|i| i.available()).collect()
+    }
+}
+
+impl fmt::Display for Isa {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Why a kernel table could not be built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KernelError {
+    /// `TERN_KERNEL` named no known ISA.
+    #[error("TERN_KERNEL={0:?} is not one of scalar, avx2, avx512, neon, auto")]
+    UnknownIsa(String),
+    /// The requested ISA is not supported by this CPU or build.
+    #[error("kernel ISA {0} is not available on this CPU (available: {1})")]
+    Unavailable(Isa, String),
+}
+
+// Kernel entry points. Each is `unsafe` only because it may require CPU features: a
+// `Kernels` value holding it exists only once `Isa::available()` confirmed them. The length
+// preconditions are checked (O(1) asserts) by the public methods *and* by the kernels.
+type QuantFn = unsafe fn(&[f32], &mut [i8]) -> QuantRow;
+type Tq2GemvFn = unsafe fn(&[u8], usize, &[i8], i32, &mut [i32]);
+type Tq2GemmFn = unsafe fn(&[u8], usize, usize, &[i8], &[i32], usize, &mut [i32]);
+type DenseU16Fn = unsafe fn(&[u16], usize, &[f32], &mut [f32]);
+type DenseF32Fn = unsafe fn(&[f32], usize, &[f32], &mut [f32]);
+
+/// The kernel table for one ISA. Cheap to copy; build it with [`Kernels::best`],
+/// [`Kernels::select`] or [`Kernels::for_isa`].
+#[derive(Clone, Copy)]
+pub struct Kernels {
+    /// The ISA these kernels use.
+    pub isa: Isa,
+    variant: &'static str,
+    quantize: QuantFn,
+    tq2_gemv: Tq2GemvFn,
+    tq2_gemm: Tq2GemmFn,
+    bf16_gemv: DenseU16Fn,
+    f16_gemv: DenseU16Fn,
+    f32_gemv: DenseF32Fn,
+}
+
+impl fmt::Debug for Kernels {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Kernels")
+            .field("isa", &self.isa)
+            .field("variant", &self.variant)
+            .finish()
+    }
+}
+
+impl Kernels {
+    /// The process-wide kernel table, chosen once: `TERN_KERNEL` if set (a bad or unavailable
+    /// value prints a warning on stderr and falls back to detection), else the best available.
+    pub fn best() -> &'static Kernels {
+        static BEST: OnceLock<Kernels> = OnceLock::new();
+        BEST.get_or_init(|| {
+            Kernels::select(None).unwrap_or_else(|e| {
+                eprintln!("warning: {e}; using auto-detected kernels");
+                Kernels::detect()
+            })
+        })
+    }
+
+    /// `forced = Some(isa)`: exactly that ISA. `None`: the ISA named by the `TERN_KERNEL`
+    /// environment variable if it is set, non-empty and not `auto`, else the best available.
+    pub fn select(forced: Option<Isa>) -> Result<Kernels, KernelError> {
+        if let Some(isa) = forced {
+            return Kernels::for_isa(isa);
+        }
+        match std::env::var("TERN_KERNEL") {
+            Ok(v) if !v.trim().is_empty() && !v.trim().eq_ignore_ascii_case("auto") => {
+                let isa = Isa::parse(&v).ok_or(KernelError::UnknownIsa(v))?;
+                Kernels::for_isa(isa)
+            }
+            _ => Ok(Kernels::detect()),
+        }
+    }
+
+    /// The best ISA this CPU supports (ignores `TERN_KERNEL`).
+    pub fn detect() -> Kernels {
+        Isa::ALL
+            .into_iter()
+            .find_map(|isa| Kernels::for_isa(isa).ok())
+            .expect("scalar kernels are always available")
+    }
+
+    /// The kernels of `isa`, or an error if the CPU lacks it. On AVX-512 the VNNI variant is
+    /// used when the CPU has `avx512vnni`; on NEON the `sdot` variant when it has `dotprod`.
+    pub fn for_isa(isa: Isa) -> Result<Kernels, KernelError> {
+        if !isa.available() {
+            let avail: Vec<&str> = Isa::all_available().iter().map(|i| i.name()).collect();
+            return Err(KernelError::Unavailable(isa, avail.join(", ")));
+        }
+        Ok(Kernels::variants_of(isa)
+            .into_iter()
+            .next()
+            .expect("an available ISA has at least one variant"))
+    }
+
+    /// Every variant of an available `isa` this CPU can run, preferred first (used by tests to
+    /// cover e.g. AVX-512 with and without VNNI). Empty if `isa` is unavailable.
+    pub(crate) fn variants_of(isa: Isa) -> Vec<Kernels> {
+        let mut v = Vec::new();
+        if !isa.available() {
+            return v;
+        }
+        match isa {
+            Isa::Scalar => v.push(Kernels {
+                isa,
+                variant: "scalar",
+                quantize: scalar::quantize_row,
+                tq2_gemv: scalar::tq2_gemv,
+                tq2_gemm: scalar::tq2_gemm,
+                bf16_gemv: scalar::bf16_gemv,
+                f16_gemv: scalar::f16_gemv,
+                f32_gemv: scalar::f32_gemv,
+            }),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                use x86_64::avx2;
+                v.push(Kernels {
+                    isa,
+                    variant: "avx2",
+                    quantize: avx2::quantize_row,
+                    tq2_gemv: avx2::tq2_gemv,
+                    tq2_gemm: avx2::tq2_gemm,
+                    bf16_gemv: avx2::bf16_gemv,
+                    f16_gemv: avx2::f16_gemv,
+                    f32_gemv: avx2::f32_gemv,
+                })
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                use x86_64::avx512::{plain, vnni};
+                let dense = |variant, tq2_gemv, tq2_gemm| Kernels {
+                    isa,
+                    variant,
+                    quantize: plain::quantize_row,
+                    tq2_gemv,
+                    tq2_gemm,
+                    bf16_gemv: plain::bf16_gemv,
+                    f16_gemv: plain::f16_gemv,
+                    f32_gemv: plain::f32_gemv,
+                };
+                if is_x86_feature_detected!("avx512vnni") {
+                    v.push(dense(
+                        "avx512+vnni",
+                        vnni::tq2_gemv as Tq2GemvFn,
+                        vnni::tq2_gemm as Tq2GemmFn,
+                    ));
+                }
+                v.push(dense(
+                    "avx512",
+                    plain::tq2_gemv as Tq2GemvFn,
+                    plain::tq2_gemm as Tq2GemmFn,
+                ));
+            }
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => {
+                use aarch64::neon;
+                let mk = |variant, tq2_gemv, tq2_gemm| Kernels {
+                    isa,
+                    variant,
+                    quantize: neon::quantize_row,
+                    tq2_gemv,
+                    tq2_gemm,
+                    bf16_gemv: neon::bf16_gemv,
+                    f16_gemv: neon::f16_gemv,
+                    f32_gemv: neon::f32_gemv,
+                };
+                if std::arch::is_aarch64_feature_detected!("dotprod") {
+                    v.push(mk(
+                        "neon+dotprod",
+                        neon::tq2_gemv_dotprod as Tq2GemvFn,
+                        neon::tq2_gemm_dotprod as Tq2GemmFn,
+                    ));
+                }
+                v.push(mk(
+                    "neon",
+                    neon::tq2_gemv as Tq2GemvFn,
+                    neon::tq2_gemm as Tq2GemmFn,
+                ));
+            }
+            #[allow(unreachable_patterns)]
+            _ => {}
+        }
+        v
+    }
+
+    /// Short description of the variant in use, e.g. `"avx512+vnni"`.
+    pub fn variant(&self) -> &'static str {
+        self.variant
+    }
+
+    /// Per-token absmax int8 quantization of one activation row, exactly transformers'
+    /// `ActQuant` in f32: `m = max(max_k |x_k|, 1e-5)`, `s = 127 / m`,
+    /// `q_k = clamp(round_half_even(x_k · s), -128, 127)`.
+    ///
+    /// `q.len()` must be a multiple of 128 and `>= x.len()`; `q[x.len()..]` is set to 0.
+    /// NaN inputs are ignored by the max and quantize to 0 (identically on every ISA).
+    pub fn quantize_row(&self, x: &[f32], q: &mut [i8]) -> QuantRow {
+        check_quantize(x, q);
+        // SAFETY: `self` exists only for an ISA whose CPU features were detected
+        // (`for_isa`/`variants_of`), and the length preconditions were just checked.
+        unsafe { (self.quantize)(x, q) }
+    }
+
+    /// Exact integer dot products of TQ2 rows with one quantized activation row:
+    /// `out[r] = Σ_c t(r, c) · q[c]` for `r in 0..out.len()`. `w` holds `out.len()` rows of
+    /// `nb · 32` bytes, `q.len() == nb · 128`, and `q_sum` must be `Σ q`.
+    pub fn tq2_gemv(&self, w: &[u8], nb: usize, q: &[i8], q_sum: i32, out: &mut [i32]) {
+        check_tq2_gemv(w, nb, q, out);
+        debug_assert_eq!(
+            q_sum,
+            q.iter().map(|&v| v as i32).sum::<i32>(),
+            "q_sum != Σ q"
+        );
+        // SAFETY: CPU features detected at construction; lengths checked above.
+        unsafe { (self.tq2_gemv)(w, nb, q, q_sum, out) }
+    }
+
+    /// [`Kernels::tq2_gemv`] for `n` activation rows (prefill): `q` is `n` rows of `nb · 128`
+    /// int8 (row-major), `q_sums[t] = Σ q[t]`; `w` holds `rows` TQ2 rows; `out` is `n` rows
+    /// of `rows` i32: `out[t · rows + r]`. Each unpacked weight block is reused for a tile
+    /// of tokens.
+    #[allow(clippy::too_many_arguments)]
+    pub fn tq2_gemm(
+        &self,
+        w: &[u8],
+        nb: usize,
+        rows: usize,
+        q: &[i8],
+        q_sums: &[i32],
+        n: usize,
+        out: &mut [i32],
+    ) {
+        check_tq2_gemm(w, nb, rows, q, q_sums, n, out);
+        debug_assert!(
+            nb == 0
+                || q.chunks_exact(nb * TQ2_BLOCK_COLS)
+                    .zip(q_sums)
+                    .all(|(row, &s)| row.iter().map(|&v| v as i32).sum::<i32>() == s),
+            "q_sums[t] != Σ q[t]"
+        );
+        // SAFETY: CPU features detected at construction; lengths checked above.
+        unsafe { (self.tq2_gemm)(w, nb, rows, q, q_sums, n, out) }
+    }
+
+    /// Dense bf16 rows (raw `u16` bits) times an f32 vector, f32 accumulation:
+    /// `out[r] = Σ_c w[r·cols + c] · x[c]`; `w.len() == out.len() · cols`, `x.len() == cols`.
+    pub fn bf16_gemv(&self, w: &[u16], cols: usize, x: &[f32], out: &mut [f32]) {
+        check_dense(w.len(), cols, x, out);
+        // SAFETY: CPU features detected at construction; lengths checked above.
+        unsafe { (self.bf16_gemv)(w, cols, x, out) }
+    }
+
+    /// As [`Kernels::bf16_gemv`] for IEEE f16 rows (raw `u16` bits).
+    pub fn f16_gemv(&self, w: &[u16], cols: usize, x: &[f32], out: &mut [f32]) {
+        check_dense(w.len(), cols, x, out);
+        // SAFETY: CPU features detected at construction; lengths checked above.
+        unsafe { (self.f16_gemv)(w, cols, x, out) }
+    }
+
+    /// As [`Kernels::bf16_gemv`] for f32 rows.
+    pub fn f32_gemv(&self, w: &[f32], cols: usize, x: &[f32], out: &mut [f32]) {
+        check_dense(w.len(), cols, x, out);
+        // SAFETY: CPU features detected at construction; lengths checked above.
+        unsafe { (self.f32_gemv)(w, cols, x, out) }
+    }
+}
+
+/// Rows per cache block of the SIMD GEMMs: about 16 KiB of weights, which stay in L1/L2
+/// while every token tile of the call passes over them (the activations stream from L2).
+#[allow(dead_code)] // unused on targets with no SIMD kernels
+pub(crate) fn gemm_chunk_rows(row_bytes: usize, rows: usize) -> usize {
+    (16 * 1024 / row_bytes.max(1)).clamp(1, rows.max(1))
+}
+
+// ---- precondition checks, shared by the public methods and every kernel ----------------
+
+#[inline]
+#[track_caller]
+pub(crate) fn check_quantize(x: &[f32], q: &[i8]) {
+    assert!(
+        q.len().is_multiple_of(TQ2_BLOCK_COLS) && q.len() >= x.len(),
+        "quantize_row: q.len() = {} must be a multiple of 128 and >= x.len() = {}",
+        q.len(),
+        x.len()
+    );
+}
+
+#[inline]
+#[track_caller]
+pub(crate) fn check_tq2_gemv(w: &[u8], nb: usize, q: &[i8], out: &[i32]) {
+    assert_eq!(
+        q.len(),
+        nb * TQ2_BLOCK_COLS,
+        "tq2_gemv: q.len() != nb * 128"
+    );
+    assert_eq!(
+        Some(w.len()),
+        out.len().checked_mul(nb * TQ2_BLOCK_BYTES),
+        "tq2_gemv: w.len() != out.len() * nb * 32"
+    );
+}
+
+#[inline]
+#[track_caller]
+pub(crate) fn check_tq2_gemm(
+    w: &[u8],
+    nb: usize,
+    rows: usize,
+    q: &[i8],
+    q_sums: &[i32],
+    n: usize,
+    out: &[i32],
+) {
+    assert_eq!(
+        Some(w.len()),
+        rows.checked_mul(nb * TQ2_BLOCK_BYTES),
+        "tq2_gemm: w.len() != rows * nb * 32"
+    );
+    assert_eq!(
+        Some(q.len()),
+        n.checked_mul(nb * TQ2_BLOCK_COLS),
+        "tq2_gemm: q.len() != n * nb * 128"
+    );
+    assert_eq!(q_sums.len(), n, "tq2_gemm: q_sums.len() != n");
+    assert_eq!(
+        Some(out.len()),
+        n.checked_mul(rows),
+        "tq2_gemm: out.len() != n * rows"
+    );
+}
+
+#[inline]
+#[track_caller]
+pub(crate) fn check_dense(w_len: usize, cols: usize, x: &[f32], out: &[f32]) {
+    assert_eq!(x.len(), cols, "dense gemv: x.len() != cols");
+    assert_eq!(
+        Some(w_len),
+        out.len().checked_mul(cols),
+        "dense gemv: w.len() != out.len() * cols"
+    );
+}

@@ -1,0 +1,207 @@
+//! Reference kernels in portable Rust: the executable specification every SIMD kernel is
+//! tested against, and the fallback on CPUs without a SIMD path.
+//!
+//! TQ2 dot products are computed as `Σ code·q − Σ q` with `code = t + 1`, exactly like the
+//! SIMD kernels; for valid data (no code 3) that equals `Σ t·q`. Data holding code 3 (which
+//! a reader rejects when verifying) gives the same result on every ISA, as if `t = 2`.
+
+use super::{
+    check_dense, check_quantize, check_tq2_gemm, check_tq2_gemv, QuantRow, TQ2_BLOCK_BYTES,
+    TQ2_BLOCK_COLS,
+};
+
+/// Bytes of one TQ2 row of `cols` columns: `ceil(cols / 128) · 32`.
+pub fn tq2_row_bytes(cols: usize) -> usize {
+    cols.div_ceil(TQ2_BLOCK_COLS) * TQ2_BLOCK_BYTES
+}
+
+/// Byte index (within a row) and bit shift of column `c` (format.md §6.1).
+#[inline]
+fn tq2_slot(c: usize) -> (usize, u32) {
+    let byte = (c / TQ2_BLOCK_COLS) * TQ2_BLOCK_BYTES + c % 32;
+    let shift = 2 * ((c % TQ2_BLOCK_COLS) / 32) as u32;
+    (byte, shift)
+}
+
+/// Packs one row of trits (each −1, 0 or +1) into TQ2 (format.md §6.1); padding columns get
+/// code 1. `out.len()` must be [`tq2_row_bytes`]`(trits.len())`.
+///
+/// # Panics
+/// If `out` has the wrong length or a value is not a trit.
+pub fn tq2_pack_row(trits: &[i8], out: &mut [u8]) {
+    assert_eq!(
+        out.len(),
+        tq2_row_bytes(trits.len()),
+        "tq2_pack_row: out.len() != tq2_row_bytes(trits.len())"
+    );
+    out.fill(0x55); // code 1 (trit 0) in all four slots: padding
+    for (c, &t) in trits.iter().enumerate() {
+        assert!(
+            (-1..=1).contains(&t),
+            "tq2_pack_row: value {t} at column {c} is not a trit"
+        );
+        let (byte, shift) = tq2_slot(c);
+        let code = (t + 1) as u8;
+        out[byte] = (out[byte] & !(3 << shift)) | (code << shift);
+    }
+}
+
+/// Unpacks one TQ2 row into `cols` trits (`out.len() == cols`, `bytes.len() ==`
+/// [`tq2_row_bytes`]`(cols)`). Returns `Err(column)` for the first column (in column order,
+/// padding columns `>= cols` included) holding the invalid code 3.
+///
+/// # Panics
+/// If the lengths are wrong.
+pub fn tq2_unpack_row(bytes: &[u8], cols: usize, out: &mut [i8]) -> Result<(), usize> {
+    assert_eq!(out.len(), cols, "tq2_unpack_row: out.len() != cols");
+    assert_eq!(
+        bytes.len(),
+        tq2_row_bytes(cols),
+        "tq2_unpack_row: bytes.len() != tq2_row_bytes(cols)"
+    );
+    let padded = bytes.len() / TQ2_BLOCK_BYTES * TQ2_BLOCK_COLS;
+    let code = |c: usize| {
+        let (byte, shift) = tq2_slot(c);
+        (bytes[byte] >> shift) & 3
+    };
+    for (c, t) in out.iter_mut().enumerate() {
+        match code(c) {
+            3 => return Err(c),
+            k => *t = k as i8 - 1,
+        }
+    }
+    match (cols..padded).find(|&c| code(c) == 3) {
+        Some(c) => Err(c),
+        None => Ok(()),
+    }
+}
+
+/// Reference [`super::Kernels::quantize_row`].
+pub fn quantize_row(x: &[f32], q: &mut [i8]) -> QuantRow {
+    check_quantize(x, q);
+    // `f32::max` ignores NaN, as the SIMD kernels do.
+    let m = x.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-5);
+    let s = 127.0f32 / m;
+    let mut sum = 0i32;
+    for (qk, &xk) in q.iter_mut().zip(x) {
+        // NaN stays NaN through round/clamp and `as i8` maps it to 0.
+        let v = (xk * s).round_ties_even().clamp(-128.0, 127.0) as i8;
+        *qk = v;
+        sum += v as i32;
+    }
+    q[x.len()..].fill(0);
+    QuantRow { scale: s, sum }
+}
+
+/// `Σ code·q` over one TQ2 row (`nb` blocks) and one activation row.
+#[inline]
+fn tq2_dot_codes(row: &[u8], q: &[i8]) -> i32 {
+    let mut acc = 0i32;
+    for (blk, qb) in row
+        .chunks_exact(TQ2_BLOCK_BYTES)
+        .zip(q.chunks_exact(TQ2_BLOCK_COLS))
+    {
+        for (j, &byte) in blk.iter().enumerate() {
+            for i in 0..4 {
+                let code = ((byte >> (2 * i)) & 3) as i32;
+                acc += code * qb[j + 32 * i] as i32;
+            }
+        }
+    }
+    acc
+}
+
+/// Reference [`super::Kernels::tq2_gemv`].
+pub fn tq2_gemv(w: &[u8], nb: usize, q: &[i8], q_sum: i32, out: &mut [i32]) {
+    check_tq2_gemv(w, nb, q, out);
+    if nb == 0 {
+        out.fill(0);
+        return;
+    }
+    for (o, row) in out.iter_mut().zip(w.chunks_exact(nb * TQ2_BLOCK_BYTES)) {
+        *o = tq2_dot_codes(row, q) - q_sum;
+    }
+}
+
+/// Reference [`super::Kernels::tq2_gemm`].
+pub fn tq2_gemm(
+    w: &[u8],
+    nb: usize,
+    rows: usize,
+    q: &[i8],
+    q_sums: &[i32],
+    n: usize,
+    out: &mut [i32],
+) {
+    check_tq2_gemm(w, nb, rows, q, q_sums, n, out);
+    if nb == 0 {
+        out.fill(0);
+        return;
+    }
+    for t in 0..n {
+        let qt = &q[t * nb * TQ2_BLOCK_COLS..(t + 1) * nb * TQ2_BLOCK_COLS];
+        for (o, row) in out[t * rows..(t + 1) * rows]
+            .iter_mut()
+            .zip(w.chunks_exact(nb * TQ2_BLOCK_BYTES))
+        {
+            *o = tq2_dot_codes(row, qt) - q_sums[t];
+        }
+    }
+}
+
+/// bf16 bits to f32 (exact).
+#[inline]
+pub fn bf16_to_f32(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
+/// IEEE binary16 bits to f32 (exact).
+#[inline]
+pub fn f16_to_f32(b: u16) -> f32 {
+    half::f16::from_bits(b).to_f32()
+}
+
+/// Dot product of one dense row with `x`, eight interleaved f32 accumulators.
+#[inline]
+fn dense_dot<T: Copy>(row: &[T], x: &[f32], conv: impl Fn(T) -> f32) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let rc = row.chunks_exact(8);
+    let xc = x.chunks_exact(8);
+    let (rt, xt) = (rc.remainder(), xc.remainder());
+    for (r8, x8) in rc.zip(xc) {
+        for k in 0..8 {
+            acc[k] += conv(r8[k]) * x8[k];
+        }
+    }
+    let mut tail = 0.0f32;
+    for (&w, &xv) in rt.iter().zip(xt) {
+        tail += conv(w) * xv;
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+}
+
+fn dense_gemv<T: Copy>(w: &[T], cols: usize, x: &[f32], out: &mut [f32], conv: impl Fn(T) -> f32) {
+    check_dense(w.len(), cols, x, out);
+    if cols == 0 {
+        out.fill(0.0);
+        return;
+    }
+    for (o, row) in out.iter_mut().zip(w.chunks_exact(cols)) {
+        *o = dense_dot(row, x, &conv);
+    }
+}
+
+/// Reference [`super::Kernels::bf16_gemv`].
+pub fn bf16_gemv(w: &[u16], cols: usize, x: &[f32], out: &mut [f32]) {
+    dense_gemv(w, cols, x, out, bf16_to_f32);
+}
+
+/// Reference [`super::Kernels::f16_gemv`].
+pub fn f16_gemv(w: &[u16], cols: usize, x: &[f32], out: &mut [f32]) {
+    dense_gemv(w, cols, x, out, f16_to_f32);
+}
+
+/// Reference [`super::Kernels::f32_gemv`].
+pub fn f32_gemv(w: &[f32], cols: usize, x: &[f32], out: &mut [f32]) {
+    dense_gemv(w, cols, x, out, |v| v);
+}

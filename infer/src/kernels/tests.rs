@@ -1,0 +1,635 @@
+//! Kernel tests: every kernel variant the CPU can run against the scalar reference
+//! (bit-identical for the integer kernels and the quantization), and the scalar reference
+//! against naive formulas and the worked example of format.md §6.1.
+
+use super::*;
+
+/// xorshift64* — small deterministic PRNG, no dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    /// Uniform in `lo..=hi`.
+    fn range(&mut self, lo: usize, hi: usize) -> usize {
+        lo + (self.next_u64() % (hi - lo + 1) as u64) as usize
+    }
+    fn i8(&mut self) -> i8 {
+        (self.next_u64() >> 56) as u8 as i8
+    }
+    fn trit(&mut self) -> i8 {
+        (self.next_u64() % 3) as i8 - 1
+    }
+    /// Uniform in [-1, 1).
+    fn unit(&mut self) -> f32 {
+        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+}
+
+/// Every kernel variant this CPU can run, scalar included; prints the skipped ISAs.
+fn variants() -> Vec<Kernels> {
+    let mut v = Vec::new();
+    for isa in Isa::ALL {
+        let k = Kernels::variants_of(isa);
+        if k.is_empty() {
+            println!("note: skipping ISA {isa}: not available on this CPU/target");
+        }
+        v.extend(k);
+    }
+    let names: Vec<_> = v.iter().map(|k| k.variant()).collect();
+    println!("testing kernel variants: {names:?}");
+    v
+}
+
+fn scalar_kernels() -> Kernels {
+    Kernels::for_isa(Isa::Scalar).unwrap()
+}
+
+// ---- TQ2 packing ---------------------------------------------------------------------------
+
+#[test]
+fn tq2_worked_example_from_format_md() {
+    let cols = 130;
+    let trits: Vec<i8> = (0..cols).map(|c| (c % 3) as i8 - 1).collect();
+    assert_eq!(tq2_row_bytes(cols), 64);
+    let mut bytes = vec![0u8; 64];
+    tq2_pack_row(&trits, &mut bytes);
+    assert_eq!(bytes[0], 0x18);
+    assert_eq!(bytes[1], 0x61);
+    assert_eq!(bytes[32], 0x56);
+    assert_eq!(bytes[33], 0x54);
+    assert!(bytes[34..].iter().all(|&b| b == 0x55));
+    let mut back = vec![9i8; cols];
+    tq2_unpack_row(&bytes, cols, &mut back).unwrap();
+    assert_eq!(back, trits);
+    // the formula of §6.1, for every column
+    for (c, &t) in trits.iter().enumerate() {
+        let code = (bytes[(c / 128) * 32 + (c % 32)] >> (2 * ((c % 128) / 32))) & 3;
+        assert_eq!(code as i8 - 1, t, "column {c}");
+    }
+}
+
+#[test]
+fn tq2_row_bytes_values() {
+    assert_eq!(tq2_row_bytes(0), 0);
+    assert_eq!(tq2_row_bytes(1), 32);
+    assert_eq!(tq2_row_bytes(128), 32);
+    assert_eq!(tq2_row_bytes(129), 64);
+    assert_eq!(tq2_row_bytes(2560), 640);
+    assert_eq!(tq2_row_bytes(6912), 54 * 32);
+}
+
+#[test]
+fn tq2_pack_unpack_roundtrip_and_code3() {
+    let mut rng = Rng::new(1);
+    for _ in 0..200 {
+        let cols = rng.range(1, 700);
+        let trits: Vec<i8> = (0..cols).map(|_| rng.trit()).collect();
+        let mut bytes = vec![0u8; tq2_row_bytes(cols)];
+        tq2_pack_row(&trits, &mut bytes);
+        let mut back = vec![0i8; cols];
+        tq2_unpack_row(&bytes, cols, &mut back).unwrap();
+        assert_eq!(back, trits);
+        // padding holds code 1
+        for c in cols..bytes.len() / 32 * 128 {
+            let code = (bytes[(c / 128) * 32 + (c % 32)] >> (2 * ((c % 128) / 32))) & 3;
+            assert_eq!(code, 1, "padding column {c}");
+        }
+        // code 3 anywhere (padding included) is reported at its column
+        let bad = rng.range(0, bytes.len() / 32 * 128 - 1);
+        let mut corrupt = bytes.clone();
+        corrupt[(bad / 128) * 32 + bad % 32] |= 3 << (2 * ((bad % 128) / 32));
+        assert_eq!(tq2_unpack_row(&corrupt, cols, &mut back), Err(bad));
+    }
+}
+
+#[test]
+#[should_panic(expected = "not a trit")]
+fn tq2_pack_rejects_non_trits() {
+    let mut out = [0u8; 32];
+    tq2_pack_row(&[0, 2], &mut out);
+}
+
+// ---- quantization --------------------------------------------------------------------------
+
+fn check_quant_all(ks: &[Kernels], x: &[f32], qlen: usize, what: &str) {
+    let mut want = vec![55i8; qlen];
+    let wr = scalar::quantize_row(x, &mut want);
+    assert_eq!(
+        wr.sum,
+        want.iter().map(|&v| v as i32).sum::<i32>(),
+        "{what}: sum"
+    );
+    for k in ks {
+        let mut got = vec![-7i8; qlen];
+        let gr = k.quantize_row(x, &mut got);
+        assert_eq!(
+            gr.scale.to_bits(),
+            wr.scale.to_bits(),
+            "{} {what}: scale",
+            k.variant()
+        );
+        assert_eq!(gr.sum, wr.sum, "{} {what}: sum", k.variant());
+        if got != want {
+            let i = got.iter().zip(&want).position(|(a, b)| a != b).unwrap();
+            panic!(
+                "{} {what}: q[{i}] = {} want {} (x = {:?}, s = {})",
+                k.variant(),
+                got[i],
+                want[i],
+                x.get(i),
+                wr.scale
+            );
+        }
+    }
+}
+
+#[test]
+fn quantize_reference_hand_examples() {
+    let mut q = [0i8; 128];
+    // m = 1, s = 127: -0.5·127 = -63.5 -> -64 (ties to even), 0.25·127 = 31.75 -> 32
+    let r = scalar::quantize_row(&[1.0, -0.5, 0.25], &mut q);
+    assert_eq!(r.scale, 127.0);
+    assert_eq!(&q[..4], &[127, -64, 32, 0]);
+    assert_eq!(r.sum, 127 - 64 + 32);
+    // m = 127, s = 1: exact ties round half to even
+    let x = [127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5, 126.5, -126.5];
+    let r = scalar::quantize_row(&x, &mut q);
+    assert_eq!(r.scale, 1.0);
+    assert_eq!(&q[..10], &[127, 0, 2, 2, 0, -2, -2, 4, 126, -126]);
+    // all zero: m = 1e-5
+    let r = scalar::quantize_row(&[0.0; 5], &mut q);
+    assert_eq!(r.scale, 127.0f32 / 1e-5f32);
+    assert_eq!(r.sum, 0);
+    assert!(q.iter().all(|&v| v == 0));
+}
+
+#[test]
+fn quantize_all_isas_match_scalar() {
+    let ks = variants();
+    let mut rng = Rng::new(2);
+    // random shapes and magnitudes
+    for case in 0..400 {
+        let n = rng.range(0, 700);
+        let qlen = n.div_ceil(128) * 128 + 128 * rng.range(0, 1);
+        let mag = [1e-7f32, 1e-3, 1.0, 37.0, 1e4, 3e30][case % 6];
+        let x: Vec<f32> = (0..n).map(|_| rng.unit() * mag).collect();
+        check_quant_all(&ks, &x, qlen, &format!("random n={n} mag={mag}"));
+    }
+    // exact ties: with max |x| = 127, s = 1 and k + 0.5 is a tie
+    for n in [1usize, 7, 16, 31, 32, 33, 100, 129, 300] {
+        let mut x: Vec<f32> = (0..n)
+            .map(|i| (i as f32 % 254.0 - 127.0) + 0.5 * (i % 2) as f32)
+            .collect();
+        x[0] = -127.0;
+        check_quant_all(&ks, &x, n.div_ceil(128) * 128, &format!("ties n={n}"));
+        // s = 127 / 63.5 = 2: x = k/4 gives x·s = k/2 (ties for odd k)
+        let mut x: Vec<f32> = (0..n).map(|i| (i as f32 - 60.0) / 4.0).collect();
+        x[n / 2] = 63.5;
+        check_quant_all(&ks, &x, n.div_ceil(128) * 128, &format!("ties2 n={n}"));
+    }
+    // edge rows
+    for n in [1usize, 5, 8, 17, 64, 128, 255, 2560] {
+        let qlen = n.div_ceil(128) * 128;
+        check_quant_all(&ks, &vec![0.0; n], qlen, "zeros");
+        check_quant_all(&ks, &vec![-0.0; n], qlen, "negative zeros");
+        check_quant_all(&ks, &vec![3.25; n], qlen, "constant");
+        check_quant_all(&ks, &vec![-1e-6; n], qlen, "below 1e-5");
+        check_quant_all(&ks, &vec![f32::MIN_POSITIVE / 4.0; n], qlen, "subnormal");
+        let alt: Vec<f32> = (0..n)
+            .map(|i| if i % 2 == 0 { 1.0 } else { -1.0 })
+            .collect();
+        check_quant_all(&ks, &alt, qlen, "alternating");
+        // non-finite inputs: not meaningful, but identical on every ISA
+        let mut odd: Vec<f32> = (0..n).map(|i| i as f32 - 3.0).collect();
+        odd[n / 2] = f32::NAN;
+        check_quant_all(&ks, &odd, qlen, "one NaN");
+        odd[n - 1] = f32::INFINITY;
+        check_quant_all(&ks, &odd, qlen, "NaN and inf");
+        check_quant_all(&ks, &vec![f32::NAN; n], qlen, "all NaN");
+        // a NaN in every lane position of the SIMD max reductions
+        for p in (0..n).filter(|&p| n <= 64 || p < 64 || p + 64 >= n) {
+            let mut v: Vec<f32> = (0..n).map(|i| (i % 13) as f32 - 6.0).collect();
+            v[p] = f32::NAN;
+            check_quant_all(&ks, &v, qlen, &format!("NaN at {p}"));
+        }
+    }
+    check_quant_all(&ks, &[], 0, "empty");
+    check_quant_all(&ks, &[], 128, "empty, padded");
+}
+
+// ---- TQ2 GEMV / GEMM ------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug)]
+enum TritFill {
+    Random,
+    AllNeg,
+    AllZero,
+    AllPos,
+    Sparse,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum ActFill {
+    Random,
+    All127,
+    AllMin,
+    Mixed,
+    Zero,
+}
+
+/// `rows` random TQ2 rows of `cols` columns: (packed, trits).
+fn make_weights(rng: &mut Rng, rows: usize, cols: usize, fill: TritFill) -> (Vec<u8>, Vec<i8>) {
+    let trits: Vec<i8> = (0..rows * cols)
+        .map(|_| match fill {
+            TritFill::Random => rng.trit(),
+            TritFill::AllNeg => -1,
+            TritFill::AllZero => 0,
+            TritFill::AllPos => 1,
+            TritFill::Sparse => {
+                if rng.range(0, 9) == 0 {
+                    rng.trit()
+                } else {
+                    0
+                }
+            }
+        })
+        .collect();
+    let rb = tq2_row_bytes(cols);
+    let mut w = vec![0u8; rows * rb];
+    if cols > 0 {
+        for (row, out) in trits.chunks_exact(cols).zip(w.chunks_exact_mut(rb)) {
+            tq2_pack_row(row, out);
+        }
+    }
+    // The naive references use the trits unpacked back from the packed bytes.
+    let mut unpacked = vec![0i8; rows * cols];
+    if cols > 0 {
+        for (bytes, out) in w.chunks_exact(rb).zip(unpacked.chunks_exact_mut(cols)) {
+            tq2_unpack_row(bytes, cols, out).expect("no code 3");
+        }
+    }
+    assert_eq!(unpacked, trits);
+    (w, unpacked)
+}
+
+/// One activation row of `cols` values padded with zeros to `nb · 128`.
+fn make_acts(rng: &mut Rng, cols: usize, nb: usize, fill: ActFill) -> Vec<i8> {
+    let mut q = vec![0i8; nb * 128];
+    for (i, v) in q[..cols].iter_mut().enumerate() {
+        *v = match fill {
+            ActFill::Random => rng.i8(),
+            ActFill::All127 => 127,
+            ActFill::AllMin => -128,
+            ActFill::Mixed => [127, -128, -127][rng.range(0, 2)],
+            ActFill::Zero => 0,
+        };
+        let _ = i;
+    }
+    q
+}
+
+fn naive_dot(trits: &[i8], q: &[i8]) -> i64 {
+    trits
+        .iter()
+        .zip(q)
+        .map(|(&t, &a)| t as i64 * a as i64)
+        .sum()
+}
+
+const TRIT_FILLS: [TritFill; 5] = [
+    TritFill::Random,
+    TritFill::AllNeg,
+    TritFill::AllZero,
+    TritFill::AllPos,
+    TritFill::Sparse,
+];
+const ACT_FILLS: [ActFill; 5] = [
+    ActFill::Random,
+    ActFill::All127,
+    ActFill::AllMin,
+    ActFill::Mixed,
+    ActFill::Zero,
+];
+
+#[test]
+fn tq2_gemv_all_isas_match_scalar_and_naive() {
+    let ks = variants();
+    let mut rng = Rng::new(3);
+    for case in 0..500 {
+        let nb = if case < 60 {
+            case + 1
+        } else {
+            rng.range(1, 60)
+        };
+        let cols = nb * 128
+            - if rng.range(0, 2) == 0 {
+                0
+            } else {
+                rng.range(0, 127)
+            };
+        let rows = rng.range(1, 37);
+        let tf = TRIT_FILLS[case % 5];
+        let af = ACT_FILLS[(case / 5) % 5];
+        let (w, trits) = make_weights(&mut rng, rows, cols, tf);
+        let q = make_acts(&mut rng, cols, nb, af);
+        let q_sum: i32 = q.iter().map(|&v| v as i32).sum();
+        let what = format!("nb={nb} cols={cols} rows={rows} {tf:?} {af:?}");
+
+        let mut want = vec![0i32; rows];
+        scalar_kernels().tq2_gemv(&w, nb, &q, q_sum, &mut want);
+        for r in 0..rows {
+            let naive = naive_dot(&trits[r * cols..(r + 1) * cols], &q[..cols]);
+            assert_eq!(want[r] as i64, naive, "scalar vs naive, row {r}, {what}");
+        }
+        for k in &ks {
+            let mut got = vec![i32::MIN; rows];
+            k.tq2_gemv(&w, nb, &q, q_sum, &mut got);
+            assert_eq!(got, want, "{} {what}", k.variant());
+        }
+    }
+}
+
+#[test]
+fn tq2_gemv_extreme_sums_and_empty() {
+    let ks = variants();
+    let mut rng = Rng::new(4);
+    // the largest |Σ| a row can give: all +1 (or -1) against all -128
+    for nb in [1usize, 54, 60] {
+        for tf in [TritFill::AllPos, TritFill::AllNeg] {
+            let rows = 5;
+            let (w, _) = make_weights(&mut rng, rows, nb * 128, tf);
+            let q = vec![-128i8; nb * 128];
+            let q_sum = -128 * (nb as i32) * 128;
+            let expect = if matches!(tf, TritFill::AllPos) {
+                q_sum
+            } else {
+                -q_sum
+            };
+            for k in &ks {
+                let mut got = vec![0i32; rows];
+                k.tq2_gemv(&w, nb, &q, q_sum, &mut got);
+                assert!(
+                    got.iter().all(|&v| v == expect),
+                    "{} nb={nb} {tf:?}",
+                    k.variant()
+                );
+            }
+        }
+    }
+    // nb = 0 and zero rows
+    for k in &ks {
+        let mut out = vec![7i32; 3];
+        k.tq2_gemv(&[], 0, &[], 0, &mut out);
+        assert_eq!(out, [0, 0, 0], "{}", k.variant());
+        k.tq2_gemv(&[], 3, &[0; 384], 0, &mut []);
+        let mut out = vec![7i32; 6];
+        k.tq2_gemm(&[], 0, 3, &[], &[0, 0], 2, &mut out);
+        assert_eq!(out, [0; 6], "{}", k.variant());
+        k.tq2_gemm(&[0x55; 64], 2, 1, &[], &[], 0, &mut []);
+    }
+}
+
+#[test]
+fn tq2_gemv_code3_is_consistent_across_isas() {
+    // Invalid data is rejected by verification, but must not make ISAs disagree.
+    let ks = variants();
+    let mut rng = Rng::new(5);
+    let nb = 7;
+    let rows = 9;
+    let w: Vec<u8> = (0..rows * nb * 32).map(|_| rng.next_u64() as u8).collect();
+    let q = make_acts(&mut rng, nb * 128, nb, ActFill::Random);
+    let q_sum: i32 = q.iter().map(|&v| v as i32).sum();
+    let mut want = vec![0i32; rows];
+    scalar_kernels().tq2_gemv(&w, nb, &q, q_sum, &mut want);
+    for k in &ks {
+        let mut got = vec![0i32; rows];
+        k.tq2_gemv(&w, nb, &q, q_sum, &mut got);
+        assert_eq!(got, want, "{}", k.variant());
+    }
+}
+
+#[test]
+fn tq2_gemm_all_isas_match_scalar_and_gemv() {
+    let ks = variants();
+    let mut rng = Rng::new(6);
+    for case in 0..300 {
+        let nb = rng.range(1, 60);
+        let cols = nb * 128 - rng.range(0, 127);
+        let rows = rng.range(1, 37);
+        let n = if case < 9 { case + 1 } else { rng.range(1, 9) };
+        let tf = TRIT_FILLS[case % 5];
+        let (w, trits) = make_weights(&mut rng, rows, cols, tf);
+        let mut q = Vec::with_capacity(n * nb * 128);
+        for t in 0..n {
+            let af = ACT_FILLS[(case / 5 + t) % 5];
+            q.extend(make_acts(&mut rng, cols, nb, af));
+        }
+        let q_sums: Vec<i32> = q
+            .chunks_exact(nb * 128)
+            .map(|r| r.iter().map(|&v| v as i32).sum())
+            .collect();
+        let what = format!("nb={nb} cols={cols} rows={rows} n={n} {tf:?}");
+
+        let mut want = vec![0i32; n * rows];
+        scalar_kernels().tq2_gemm(&w, nb, rows, &q, &q_sums, n, &mut want);
+        for t in 0..n {
+            let qt = &q[t * nb * 128..(t + 1) * nb * 128];
+            for r in 0..rows {
+                let naive = naive_dot(&trits[r * cols..(r + 1) * cols], &qt[..cols]);
+                assert_eq!(
+                    want[t * rows + r] as i64,
+                    naive,
+                    "scalar vs naive t={t} r={r} {what}"
+                );
+            }
+        }
+        for k in &ks {
+            let mut got = vec![i32::MIN; n * rows];
+            k.tq2_gemm(&w, nb, rows, &q, &q_sums, n, &mut got);
+            assert_eq!(got, want, "{} gemm {what}", k.variant());
+            // and GEMM == one GEMV per token
+            for t in 0..n {
+                let mut g = vec![0i32; rows];
+                let qt = &q[t * nb * 128..(t + 1) * nb * 128];
+                k.tq2_gemv(&w, nb, qt, q_sums[t], &mut g);
+                assert_eq!(
+                    &g[..],
+                    &want[t * rows..(t + 1) * rows],
+                    "{} gemv t={t} {what}",
+                    k.variant()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn quantize_then_gemv_pipeline() {
+    // quantize a float row with each ISA, then GEMV: same integers everywhere
+    let ks = variants();
+    let mut rng = Rng::new(7);
+    let (cols, rows) = (300usize, 11usize);
+    let nb = cols.div_ceil(128);
+    let (w, trits) = make_weights(&mut rng, rows, cols, TritFill::Random);
+    let x: Vec<f32> = (0..cols).map(|_| rng.unit() * 3.0).collect();
+    for k in &ks {
+        let mut q = vec![1i8; nb * 128];
+        let qr = k.quantize_row(&x, &mut q);
+        let mut out = vec![0i32; rows];
+        k.tq2_gemv(&w, nb, &q, qr.sum, &mut out);
+        for r in 0..rows {
+            assert_eq!(
+                out[r] as i64,
+                naive_dot(&trits[r * cols..(r + 1) * cols], &q)
+            );
+        }
+    }
+}
+
+// ---- dense GEMV ------------------------------------------------------------------------------
+
+/// Checks `got` against an f64 reference with tolerance `1e-5 · Σ|w·x|` per row.
+fn check_dense_close(what: &str, got: &[f32], w: &[f32], cols: usize, x: &[f32]) {
+    for (r, &g) in got.iter().enumerate() {
+        let row = &w[r * cols..(r + 1) * cols];
+        let exact: f64 = row.iter().zip(x).map(|(&a, &b)| a as f64 * b as f64).sum();
+        let mag: f64 = row
+            .iter()
+            .zip(x)
+            .map(|(&a, &b)| (a as f64 * b as f64).abs())
+            .sum();
+        let tol = 1e-5 * mag + 1e-30;
+        assert!(
+            (g as f64 - exact).abs() <= tol,
+            "{what} row {r}: got {g}, exact {exact}, tol {tol}"
+        );
+    }
+}
+
+#[test]
+fn dense_gemv_all_isas_close_to_exact() {
+    let ks = variants();
+    let mut rng = Rng::new(8);
+    for case in 0..150 {
+        let cols = if case < 40 { case } else { rng.range(0, 600) };
+        let rows = rng.range(1, 13);
+        let x: Vec<f32> = (0..cols).map(|_| rng.unit() * 2.0).collect();
+        let wf: Vec<f32> = (0..rows * cols).map(|_| rng.unit() * 0.1).collect();
+        // bf16 / f16 bit patterns and their exact f32 values
+        let wb: Vec<u16> = wf
+            .iter()
+            .map(|&v| half::bf16::from_f32(v).to_bits())
+            .collect();
+        let wh: Vec<u16> = wf
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                // sprinkle f16 subnormals in
+                let v = if i % 17 == 0 { v * 1e-4 } else { v };
+                half::f16::from_f32(v).to_bits()
+            })
+            .collect();
+        let wb_f: Vec<f32> = wb.iter().map(|&b| scalar::bf16_to_f32(b)).collect();
+        let wh_f: Vec<f32> = wh.iter().map(|&b| scalar::f16_to_f32(b)).collect();
+        let what = format!("cols={cols} rows={rows}");
+        for k in ks.iter().chain([&scalar_kernels()]) {
+            let mut out = vec![f32::NAN; rows];
+            k.f32_gemv(&wf, cols, &x, &mut out);
+            check_dense_close(&format!("{} f32 {what}", k.variant()), &out, &wf, cols, &x);
+            k.bf16_gemv(&wb, cols, &x, &mut out);
+            check_dense_close(
+                &format!("{} bf16 {what}", k.variant()),
+                &out,
+                &wb_f,
+                cols,
+                &x,
+            );
+            k.f16_gemv(&wh, cols, &x, &mut out);
+            check_dense_close(
+                &format!("{} f16 {what}", k.variant()),
+                &out,
+                &wh_f,
+                cols,
+                &x,
+            );
+        }
+    }
+}
+
+#[test]
+fn dense_gemv_special_values() {
+    // exact small-integer sums are exact on every ISA; infinities propagate
+    let ks = variants();
+    let cols = 37;
+    let x: Vec<f32> = (0..cols).map(|i| (i % 5) as f32 - 2.0).collect();
+    let wf: Vec<f32> = (0..2 * cols).map(|i| (i % 3) as f32 - 1.0).collect();
+    let wb: Vec<u16> = wf
+        .iter()
+        .map(|&v| half::bf16::from_f32(v).to_bits())
+        .collect();
+    let wh: Vec<u16> = wf
+        .iter()
+        .map(|&v| half::f16::from_f32(v).to_bits())
+        .collect();
+    let exact: Vec<f32> = (0..2)
+        .map(|r| (0..cols).map(|c| wf[r * cols + c] * x[c]).sum())
+        .collect();
+    for k in &ks {
+        let mut out = vec![0.0; 2];
+        k.f32_gemv(&wf, cols, &x, &mut out);
+        assert_eq!(out, exact, "{} f32", k.variant());
+        k.bf16_gemv(&wb, cols, &x, &mut out);
+        assert_eq!(out, exact, "{} bf16", k.variant());
+        k.f16_gemv(&wh, cols, &x, &mut out);
+        assert_eq!(out, exact, "{} f16", k.variant());
+        let mut wi = wh.clone();
+        wi[3] = 0x7c00; // +inf; x[3] = 1
+        k.f16_gemv(&wi, cols, &x, &mut out);
+        assert_eq!(out[0], f32::INFINITY, "{} f16 inf", k.variant());
+        let mut wb2 = wb.clone();
+        wb2[cols + 3] = 0x7fc0; // NaN
+        k.bf16_gemv(&wb2, cols, &x, &mut out);
+        assert!(out[1].is_nan(), "{} bf16 NaN", k.variant());
+    }
+}
+
+// ---- dispatch ----------------------------------------------------------------------------------
+
+#[test]
+fn isa_names_parse_and_select() {
+    for isa in Isa::ALL {
+        assert_eq!(Isa::parse(isa.name()), Some(isa));
+        assert_eq!(Isa::parse(&isa.name().to_uppercase()), Some(isa));
+    }
+    assert_eq!(Isa::parse("sse"), None);
+    assert!(Isa::Scalar.available());
+    let avail = Isa::all_available();
+    assert_eq!(avail.last(), Some(&Isa::Scalar));
+    println!("available ISAs: {avail:?}");
+    for isa in Isa::ALL {
+        match Kernels::select(Some(isa)) {
+            Ok(k) => {
+                assert!(isa.available());
+                assert_eq!(k.isa, isa);
+            }
+            Err(e) => {
+                assert!(!isa.available());
+                assert!(matches!(e, KernelError::Unavailable(i, _) if i == isa));
+                println!("select({isa}) -> {e}");
+            }
+        }
+    }
+    assert_eq!(Kernels::detect().isa, avail[0]);
+    let best = Kernels::best();
+    println!("best kernels: {best:?}");
+}

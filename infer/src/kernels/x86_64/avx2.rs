@@ -1,0 +1,507 @@
+//! AVX2 kernels (with FMA and F16C). Every `pub(crate)` function here is an `unsafe fn`
+//! whose only safety requirement is that the CPU supports `avx2`, `fma` and `f16c`
+//! (`Isa::Avx2.available()`); lengths are checked with asserts on entry.
+//!
+//! TQ2: a 32-byte block loads into one register; `(v >> 2i) & 3` yields the codes of 32
+//! consecutive columns `32i..32i+32`, which `vpmaddubsw` multiplies with 32 consecutive int8
+//! activations (|code·q| ≤ 256, pair sums ≤ 512: no saturation), summing pairs into i16;
+//! the four i16 products of a block (|sum| ≤ 2048) are added, then `vpmaddwd` by 1 widens
+//! to i32. `Σ t·q = Σ code·q − Σ q`.
+
+use std::arch::x86_64::*;
+
+use crate::kernels::{
+    check_dense, check_quantize, check_tq2_gemm, check_tq2_gemv, gemm_chunk_rows, scalar, QuantRow,
+    TQ2_BLOCK_BYTES as BB, TQ2_BLOCK_COLS as BC,
+};
+
+// ---- horizontal helpers ------------------------------------------------------------------
+
+/// Sums each of four i32x8 vectors: `[Σa, Σb, Σc, Σd]`.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn hsum4_epi32(a: __m256i, b: __m256i, c: __m256i, d: __m256i) -> __m128i {
+    let ab = _mm256_hadd_epi32(a, b);
+    let cd = _mm256_hadd_epi32(c, d);
+    let abcd = _mm256_hadd_epi32(ab, cd);
+    _mm_add_epi32(
+        _mm256_castsi256_si128(abcd),
+        _mm256_extracti128_si256::<1>(abcd),
+    )
+}
+
+/// `[Σa, Σb, Σc, Σd]` of four f32x8 vectors.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn hsum4_ps(a: __m256, b: __m256, c: __m256, d: __m256) -> __m128 {
+    let ab = _mm256_hadd_ps(a, b);
+    let cd = _mm256_hadd_ps(c, d);
+    let abcd = _mm256_hadd_ps(ab, cd);
+    _mm_add_ps(
+        _mm256_castps256_ps128(abcd),
+        _mm256_extractf128_ps::<1>(abcd),
+    )
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+fn hsum_epi32(a: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256::<1>(a));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+    _mm_cvtsi128_si32(s)
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+fn hmax_ps(a: __m256) -> f32 {
+    // No lane of `a` is NaN (see `quantize_row`), so max is exact and order-independent.
+    let m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    let m = _mm_max_ss(m, _mm_shuffle_ps::<0b01>(m, m));
+    _mm_cvtss_f32(m)
+}
+
+// ---- quantization ------------------------------------------------------------------------
+
+/// Quantizes 32 floats at `x` into 32 int8 at `q`; returns the i32 lane sums.
+///
+/// # Safety
+/// `x` readable for 32 f32, `q` writable for 32 bytes; AVX2 available.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize32(x: *const f32, q: *mut i8, s: __m256) -> __m256i {
+    let lo = _mm256_set1_ps(-128.0);
+    let hi = _mm256_set1_ps(127.0);
+    let mut v = [_mm256_setzero_si256(); 4];
+    for (k, vk) in v.iter_mut().enumerate() {
+        // SAFETY: the caller guarantees 32 readable floats at `x`.
+        let f = _mm256_mul_ps(unsafe { _mm256_loadu_ps(x.add(8 * k)) }, s);
+        // NaN -> 0 (the scalar `NaN as i8` is 0).
+        let f = _mm256_and_ps(f, _mm256_cmp_ps::<_CMP_ORD_Q>(f, f));
+        let f = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(f);
+        let f = _mm256_min_ps(_mm256_max_ps(f, lo), hi);
+        *vk = _mm256_cvtps_epi32(f); // exact: f is an integer in [-128, 127]
+    }
+    let sum = _mm256_add_epi32(_mm256_add_epi32(v[0], v[1]), _mm256_add_epi32(v[2], v[3]));
+    let p01 = _mm256_packs_epi32(v[0], v[1]);
+    let p23 = _mm256_packs_epi32(v[2], v[3]);
+    let b = _mm256_packs_epi16(p01, p23);
+    // dword order after the in-lane packs is 0,2,4,6 | 1,3,5,7 (in 4-byte groups).
+    let b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    // SAFETY: the caller guarantees 32 writable bytes at `q`.
+    unsafe { _mm256_storeu_si256(q as *mut __m256i, b) };
+    sum
+}
+
+/// AVX2 [`crate::kernels::Kernels::quantize_row`].
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn quantize_row(x: &[f32], q: &mut [i8]) -> QuantRow {
+    check_quantize(x, q);
+    let n = x.len();
+    let sign = _mm256_set1_ps(-0.0);
+    let mut vmax = _mm256_setzero_ps();
+    let chunks = x.chunks_exact(8);
+    let rem = chunks.remainder();
+    for c in chunks {
+        // SAFETY: `c` has exactly 8 floats.
+        let v = unsafe { _mm256_loadu_ps(c.as_ptr()) };
+        // max(|v|, acc) returns acc when |v| is NaN: NaN is ignored like `f32::max`.
+        vmax = _mm256_max_ps(_mm256_andnot_ps(sign, v), vmax);
+    }
+    let mut m = hmax_ps(vmax);
+    for &v in rem {
+        m = m.max(v.abs());
+    }
+    let m = m.max(1e-5);
+    let s = 127.0f32 / m;
+    let vs = _mm256_set1_ps(s);
+
+    let mut vsum = _mm256_setzero_si256();
+    let full = n / 32 * 32;
+    let mut k = 0;
+    while k < full {
+        // SAFETY: k + 32 <= n <= q.len().
+        vsum = _mm256_add_epi32(vsum, unsafe {
+            quantize32(x.as_ptr().add(k), q.as_mut_ptr().add(k), vs)
+        });
+        k += 32;
+    }
+    if k < n {
+        let mut buf = [0.0f32; 32];
+        buf[..n - k].copy_from_slice(&x[k..]);
+        // SAFETY: `buf` has 32 floats; q.len() is a multiple of 128 and >= n, hence >= k + 32
+        // (k is a multiple of 32 below n). Zero padding quantizes to 0.
+        vsum = _mm256_add_epi32(vsum, unsafe {
+            quantize32(buf.as_ptr(), q.as_mut_ptr().add(k), vs)
+        });
+        k += 32;
+    }
+    q[k..].fill(0);
+    QuantRow {
+        scale: s,
+        sum: hsum_epi32(vsum),
+    }
+}
+
+// ---- TQ2 ---------------------------------------------------------------------------------
+
+/// `acc16 + Σ code·q` of one block with 128 activations, in i16 lanes: each `vpmaddubsw`
+/// lane is in [-512, 508], so a block adds at most 2048 in magnitude and [`FLUSH`] blocks
+/// (16 · 2048 = 32768) cannot overflow.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn block_dot16(acc16: __m256i, codes: &[__m256i; 4], q: &[__m256i; 4]) -> __m256i {
+    let p0 = _mm256_maddubs_epi16(codes[0], q[0]);
+    let p1 = _mm256_maddubs_epi16(codes[1], q[1]);
+    let p2 = _mm256_maddubs_epi16(codes[2], q[2]);
+    let p3 = _mm256_maddubs_epi16(codes[3], q[3]);
+    let p = _mm256_add_epi16(_mm256_add_epi16(p0, p1), _mm256_add_epi16(p2, p3));
+    _mm256_add_epi16(acc16, p)
+}
+
+/// Blocks accumulated in i16 before widening to i32 (see [`block_dot16`]; max 16).
+const FLUSH: usize = 8;
+
+/// `acc + acc16` widened to i32 lanes.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn widen_add(acc: __m256i, acc16: __m256i) -> __m256i {
+    _mm256_add_epi32(acc, _mm256_madd_epi16(acc16, _mm256_set1_epi16(1)))
+}
+
+/// Unpacks the 32-byte block at `w` into the codes of columns `32i..32i+32`, `i = 0..4`.
+///
+/// # Safety
+/// `w` readable for 32 bytes; AVX2 available.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn unpack(w: *const u8) -> [__m256i; 4] {
+    let mask = _mm256_set1_epi8(3);
+    // SAFETY: the caller guarantees 32 readable bytes at `w`.
+    let v = unsafe { _mm256_loadu_si256(w as *const __m256i) };
+    [
+        _mm256_and_si256(v, mask),
+        _mm256_and_si256(_mm256_srli_epi16::<2>(v), mask),
+        _mm256_and_si256(_mm256_srli_epi16::<4>(v), mask),
+        _mm256_and_si256(_mm256_srli_epi16::<6>(v), mask),
+    ]
+}
+
+/// Loads the 128 activations of one block.
+///
+/// # Safety
+/// `q` readable for 128 bytes; AVX2 available.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn load_q(q: *const i8) -> [__m256i; 4] {
+    // SAFETY: the caller guarantees 128 readable bytes at `q`.
+    unsafe {
+        [
+            _mm256_loadu_si256(q as *const __m256i),
+            _mm256_loadu_si256(q.add(32) as *const __m256i),
+            _mm256_loadu_si256(q.add(64) as *const __m256i),
+            _mm256_loadu_si256(q.add(96) as *const __m256i),
+        ]
+    }
+}
+
+/// `Σ code·q` of `R ≤ 4` consecutive rows (starting at `w`, `nb` blocks each) with one
+/// activation row `q`; lanes `R..4` of the result are 0.
+///
+/// # Safety
+/// `w` readable for `R · nb · 32` bytes, `q` for `nb · 128`; AVX2 available.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn gemv_rows<const R: usize>(w: *const u8, nb: usize, q: *const i8) -> __m128i {
+    let rb = nb * BB;
+    let mut acc = [_mm256_setzero_si256(); 4];
+    // The next group of rows (the 4·rb bytes after this one) is prefetched while this one
+    // is computed, 128 bytes per block: short rows are too short for the hardware
+    // prefetcher to ramp up on its own. (Prefetches never fault; the address may lie past
+    // the end of `w`, hence `wrapping_add`.)
+    let pf = w.wrapping_add(4 * rb);
+    let mut b0 = 0;
+    while b0 < nb {
+        let b1 = (b0 + FLUSH).min(nb);
+        let mut acc16 = [_mm256_setzero_si256(); 4];
+        for b in b0..b1 {
+            _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(b * 128) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(b * 128 + 64) as *const i8);
+            // SAFETY: b < nb, so the block's 128 activations are in bounds.
+            let qv = unsafe { load_q(q.add(b * BC)) };
+            for (r, a) in acc16.iter_mut().enumerate().take(R) {
+                // SAFETY: r < R and b < nb: the block lies inside the R rows at `w`.
+                let codes = unsafe { unpack(w.add(r * rb + b * BB)) };
+                *a = block_dot16(*a, &codes, &qv);
+            }
+        }
+        for (a, a16) in acc.iter_mut().zip(acc16).take(R) {
+            *a = widen_add(*a, a16);
+        }
+        b0 = b1;
+    }
+    hsum4_epi32(acc[0], acc[1], acc[2], acc[3])
+}
+
+/// AVX2 [`crate::kernels::Kernels::tq2_gemv`].
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn tq2_gemv(w: &[u8], nb: usize, q: &[i8], q_sum: i32, out: &mut [i32]) {
+    check_tq2_gemv(w, nb, q, out);
+    let rows = out.len();
+    let rb = nb * BB;
+    let (wp, qp) = (w.as_ptr(), q.as_ptr());
+    let bias = _mm_set1_epi32(q_sum);
+    let mut r = 0;
+    while r + 4 <= rows {
+        // SAFETY: rows r..r+4 exist (w.len() == rows · rb checked), q has nb · 128 bytes.
+        let v = _mm_sub_epi32(unsafe { gemv_rows::<4>(wp.add(r * rb), nb, qp) }, bias);
+        // SAFETY: r + 4 <= out.len().
+        unsafe { _mm_storeu_si128(out.as_mut_ptr().add(r) as *mut __m128i, v) };
+        r += 4;
+    }
+    let left = rows - r;
+    if left > 0 {
+        // SAFETY: rows r..r+left exist; q has nb · 128 bytes.
+        let v = unsafe {
+            match left {
+                1 => gemv_rows::<1>(wp.add(r * rb), nb, qp),
+                2 => gemv_rows::<2>(wp.add(r * rb), nb, qp),
+                _ => gemv_rows::<3>(wp.add(r * rb), nb, qp),
+            }
+        };
+        let mut tmp = [0i32; 4];
+        // SAFETY: `tmp` has 4 i32.
+        unsafe { _mm_storeu_si128(tmp.as_mut_ptr() as *mut __m128i, _mm_sub_epi32(v, bias)) };
+        out[r..].copy_from_slice(&tmp[..left]);
+    }
+}
+
+/// `Σ code·q` of one row (`nb` blocks at `w`) with `T ≤ 8` activation rows starting at `q`
+/// (stride `nb · 128`): each block is unpacked once and used for all `T` tokens.
+///
+/// # Safety
+/// `w` readable for `nb · 32` bytes, `q` for `T · nb · 128`; AVX2 available.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn gemm_tile<const T: usize>(w: *const u8, nb: usize, q: *const i8) -> [i32; 8] {
+    let qs = nb * BC;
+    let mut acc = [_mm256_setzero_si256(); 8];
+    let mut b0 = 0;
+    while b0 < nb {
+        let b1 = (b0 + FLUSH).min(nb);
+        let mut acc16 = [_mm256_setzero_si256(); 8];
+        for b in b0..b1 {
+            // SAFETY: b < nb: the block is inside the row.
+            let codes = unsafe { unpack(w.add(b * BB)) };
+            for (t, a) in acc16.iter_mut().enumerate().take(T) {
+                // SAFETY: t < T and b < nb: inside activation row t.
+                let qv = unsafe { load_q(q.add(t * qs + b * BC)) };
+                *a = block_dot16(*a, &codes, &qv);
+            }
+        }
+        for (a, a16) in acc.iter_mut().zip(acc16).take(T) {
+            *a = widen_add(*a, a16);
+        }
+        b0 = b1;
+    }
+    let mut res = [0i32; 8];
+    let lo = hsum4_epi32(acc[0], acc[1], acc[2], acc[3]);
+    // SAFETY: `res` has 8 i32.
+    unsafe { _mm_storeu_si128(res.as_mut_ptr() as *mut __m128i, lo) };
+    if T > 4 {
+        let hi = hsum4_epi32(acc[4], acc[5], acc[6], acc[7]);
+        // SAFETY: `res` has 8 i32, this writes 4..8.
+        unsafe { _mm_storeu_si128(res.as_mut_ptr().add(4) as *mut __m128i, hi) };
+    }
+    res
+}
+
+/// Tokens per GEMM tile (each unpacked weight block is reused this many times).
+const GEMM_TOKENS: usize = 4;
+
+/// AVX2 [`crate::kernels::Kernels::tq2_gemm`].
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn tq2_gemm(
+    w: &[u8],
+    nb: usize,
+    rows: usize,
+    q: &[i8],
+    q_sums: &[i32],
+    n: usize,
+    out: &mut [i32],
+) {
+    check_tq2_gemm(w, nb, rows, q, q_sums, n, out);
+    let rb = nb * BB;
+    let qs = nb * BC;
+    // Rows in chunks whose weights stay in L1/L2 while every token tile passes over them.
+    let chunk = gemm_chunk_rows(rb, rows);
+    let mut r0 = 0;
+    while r0 < rows {
+        let r1 = (r0 + chunk).min(rows);
+        let mut t0 = 0;
+        while t0 < n {
+            let tn = (n - t0).min(GEMM_TOKENS);
+            for r in r0..r1 {
+                // SAFETY: row r < rows exists; tokens t0..t0+tn < n exist (lengths checked).
+                let res = unsafe {
+                    let (wr, qt) = (w.as_ptr().add(r * rb), q.as_ptr().add(t0 * qs));
+                    match tn {
+                        1 => gemm_tile::<1>(wr, nb, qt),
+                        2 => gemm_tile::<2>(wr, nb, qt),
+                        3 => gemm_tile::<3>(wr, nb, qt),
+                        4 => gemm_tile::<4>(wr, nb, qt),
+                        5 => gemm_tile::<5>(wr, nb, qt),
+                        _ => gemm_tile::<GEMM_TOKENS>(wr, nb, qt),
+                    }
+                };
+                for t in 0..tn {
+                    out[(t0 + t) * rows + r] = res[t] - q_sums[t0 + t];
+                }
+            }
+            t0 += tn;
+        }
+        r0 = r1;
+    }
+}
+
+// ---- dense GEMV --------------------------------------------------------------------------
+
+/// 8 bf16 (raw bits) at `p` to f32.
+///
+/// # Safety
+/// `p` readable for 8 u16; AVX2 available.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn load8_bf16(p: *const u16) -> __m256 {
+    // SAFETY: the caller guarantees 8 readable u16 at `p`.
+    let h = unsafe { _mm_loadu_si128(p as *const __m128i) };
+    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+}
+
+/// 8 f16 (raw bits) at `p` to f32.
+///
+/// # Safety
+/// `p` readable for 8 u16; AVX2 and F16C available.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn load8_f16(p: *const u16) -> __m256 {
+    // SAFETY: the caller guarantees 8 readable u16 at `p`.
+    _mm256_cvtph_ps(unsafe { _mm_loadu_si128(p as *const __m128i) })
+}
+
+/// 8 f32 at `p`.
+///
+/// # Safety
+/// `p` readable for 8 f32; AVX available.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn load8_f32(p: *const f32) -> __m256 {
+    // SAFETY: the caller guarantees 8 readable f32 at `p`.
+    unsafe { _mm256_loadu_ps(p) }
+}
+
+macro_rules! dense_gemv {
+    ($name:ident, $rows_fn:ident, $t:ty, $load8:ident, $conv:expr) => {
+        /// `Σ w·x` of `R ≤ 4` consecutive rows at `w` (`cols` each); lanes `R..4` are 0.
+        ///
+        /// # Safety
+        /// `w` readable for `R · cols` elements, `x` for `cols`; AVX2, FMA, F16C available.
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn $rows_fn<const R: usize>(w: *const $t, cols: usize, x: &[f32]) -> [f32; 4] {
+            let xp = x.as_ptr();
+            let mut a0 = [_mm256_setzero_ps(); 4];
+            let mut a1 = [_mm256_setzero_ps(); 4];
+            let mut c = 0;
+            while c + 16 <= cols {
+                // SAFETY: c + 16 <= cols == x.len().
+                let x0 = unsafe { _mm256_loadu_ps(xp.add(c)) };
+                // SAFETY: as above.
+                let x1 = unsafe { _mm256_loadu_ps(xp.add(c + 8)) };
+                for r in 0..R {
+                    // SAFETY: r < R, c + 16 <= cols: inside row r.
+                    let (w0, w1) = unsafe {
+                        let p = w.add(r * cols + c);
+                        ($load8(p), $load8(p.add(8)))
+                    };
+                    a0[r] = _mm256_fmadd_ps(w0, x0, a0[r]);
+                    a1[r] = _mm256_fmadd_ps(w1, x1, a1[r]);
+                }
+                c += 16;
+            }
+            if c + 8 <= cols {
+                // SAFETY: c + 8 <= cols == x.len().
+                let x0 = unsafe { _mm256_loadu_ps(xp.add(c)) };
+                for r in 0..R {
+                    // SAFETY: r < R, c + 8 <= cols: inside row r.
+                    let w0 = unsafe { $load8(w.add(r * cols + c)) };
+                    a0[r] = _mm256_fmadd_ps(w0, x0, a0[r]);
+                }
+                c += 8;
+            }
+            let s = hsum4_ps(
+                _mm256_add_ps(a0[0], a1[0]),
+                _mm256_add_ps(a0[1], a1[1]),
+                _mm256_add_ps(a0[2], a1[2]),
+                _mm256_add_ps(a0[3], a1[3]),
+            );
+            let mut res = [0.0f32; 4];
+            // SAFETY: `res` has 4 f32.
+            unsafe { _mm_storeu_ps(res.as_mut_ptr(), s) };
+            for (r, out) in res.iter_mut().enumerate().take(R) {
+                let mut tail = 0.0f32;
+                for k in c..cols {
+                    // SAFETY: r < R, k < cols: inside row r.
+                    let wv = unsafe { *w.add(r * cols + k) };
+                    tail += $conv(wv) * x[k];
+                }
+                *out += tail;
+            }
+            res
+        }
+
+        /// AVX2 dense GEMV (see [`crate::kernels::Kernels`]).
+        ///
+        /// # Safety
+        /// The CPU must support AVX2, FMA and F16C.
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub(crate) unsafe fn $name(w: &[$t], cols: usize, x: &[f32], out: &mut [f32]) {
+            check_dense(w.len(), cols, x, out);
+            let rows = out.len();
+            let wp = w.as_ptr();
+            let mut r = 0;
+            while r + 4 <= rows {
+                // SAFETY: rows r..r+4 exist (w.len() == rows · cols checked).
+                let v = unsafe { $rows_fn::<4>(wp.add(r * cols), cols, x) };
+                out[r..r + 4].copy_from_slice(&v);
+                r += 4;
+            }
+            let left = rows - r;
+            if left > 0 {
+                // SAFETY: rows r..r+left exist.
+                let v = unsafe {
+                    match left {
+                        1 => $rows_fn::<1>(wp.add(r * cols), cols, x),
+                        2 => $rows_fn::<2>(wp.add(r * cols), cols, x),
+                        _ => $rows_fn::<3>(wp.add(r * cols), cols, x),
+                    }
+                };
+                out[r..].copy_from_slice(&v[..left]);
+            }
+        }
+    };
+}
+
+dense_gemv!(bf16_gemv, bf16_rows, u16, load8_bf16, scalar::bf16_to_f32);
+dense_gemv!(f16_gemv, f16_rows, u16, load8_f16, scalar::f16_to_f32);
+dense_gemv!(f32_gemv, f32_rows, f32, load8_f32, |v: f32| v);
