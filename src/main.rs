@@ -29,6 +29,8 @@ enum Command {
     /// Prove a conversion faithful: checksums, exact weights (--source), kernel parity
     /// with the f32 reference forward, agreement with transformers (--reference)
     Verify(cmd::verify::Args),
+    /// Measure read bandwidth, prefill and decode speed (and kernels with --kernels)
+    Bench(cmd::bench::Args),
     /// Write a random model of a real shape (for benchmarks), as .tern or as a HF checkpoint
     Synth(cmd::synth::Args),
     /// Hold a conversation using the model's chat template (interactive, or lines on stdin)
@@ -45,6 +47,7 @@ fn main() -> ExitCode {
         Command::Chat(args) => cmd::chat::run(args),
         Command::Verify(args) => cmd::verify::run(args),
         Command::Synth(args) => cmd::synth::run(args),
+        Command::Bench(args) => cmd::bench::run(args),
     };
     match result {
         Ok(code) => code,

@@ -67,8 +67,8 @@ impl Preset {
             attn_sub_norm: true,
             ffn_sub_norm: true,
             tie_word_embeddings: true,
-            bos_token_id: Some(1),
-            eos_token_ids: vec![2],
+            bos_token_id: Some((vocab - 2) as u32),
+            eos_token_ids: vec![(vocab - 1) as u32],
             add_bos_token: true,
         };
         let llama = |hidden, layers, heads, kv, head_dim, inter, vocab, theta| ModelConfig {
@@ -126,8 +126,8 @@ fn metadata(preset: Preset, config: ModelConfig) -> Metadata {
     }
 }
 
-/// A byte-level tokenizer.json covering `vocab` ids (256 byte tokens, then filler tokens),
-/// so a synthetic model can be run end to end.
+/// A byte-level tokenizer.json covering `vocab` ids (256 byte tokens, filler tokens, then
+/// BOS and EOS as the last two ids, like Llama 3), so a synthetic model runs end to end.
 fn tokenizer_json(vocab: u64) -> Vec<u8> {
     let mut v = serde_json::Map::new();
     let bytes_to_unicode = |b: u32| -> char {
@@ -148,10 +148,10 @@ fn tokenizer_json(vocab: u64) -> Vec<u8> {
         }
     };
     for b in 0..256u32 {
-        v.insert(bytes_to_unicode(b).to_string(), json!(b + 3));
+        v.insert(bytes_to_unicode(b).to_string(), json!(b));
     }
-    let mut id = 259u64;
-    while id < vocab {
+    let mut id = 256u64;
+    while id < vocab - 2 {
         v.insert(format!("<|filler_{id}|>"), json!(id));
         id += 1;
     }
@@ -160,12 +160,12 @@ fn tokenizer_json(vocab: u64) -> Vec<u8> {
         "version": "1.0",
         "truncation": null,
         "padding": null,
-        "added_tokens": [special(0, "<unk>"), special(1, "<|begin_of_text|>"), special(2, "<|end_of_text|>")],
+        "added_tokens": [special(vocab - 2, "<|begin_of_text|>"), special(vocab - 1, "<|end_of_text|>")],
         "normalizer": null,
         "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
         "post_processor": null,
         "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
-        "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>", "continuing_subword_prefix": null,
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
                   "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
                   "vocab": v, "merges": []}
     });
@@ -291,7 +291,8 @@ pub fn synth_hf(
         "vocab_size": c.vocab_size, "max_position_embeddings": c.max_position_embeddings,
         "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta,
         "hidden_act": if llama { "silu" } else { "relu2" },
-        "tie_word_embeddings": c.tie_word_embeddings, "bos_token_id": 1, "eos_token_id": 2,
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_ids[0],
         "torch_dtype": "bfloat16", "quantization_config": quant,
     });
     let write = |name: &str, bytes: &[u8]| {

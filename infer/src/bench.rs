@@ -1,0 +1,193 @@
+//! Measurements behind `tern bench`: the machine's read bandwidth, prefill and decode
+//! speed, and per-kernel throughput. Timed runs only; nothing here asserts a speed.
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::kernels::{Isa, Kernels};
+use crate::model::{Logits, Model, State};
+use crate::pool::{split_range, Pool};
+use crate::reference::NoProbe;
+use crate::InferError;
+
+/// Streaming read bandwidth in GB/s: `threads` workers sum disjoint parts of a buffer of
+/// `bytes` (far larger than the caches), best of `repeats`.
+pub fn read_bandwidth(pool: &Pool, bytes: usize, repeats: usize) -> f64 {
+    let words = bytes / 8;
+    let buf: Vec<u64> = (0..words as u64).collect(); // touched: really backed by memory
+    let mut best = 0.0f64;
+    for _ in 0..repeats.max(1) {
+        let sums: Vec<std::sync::atomic::AtomicU64> =
+            (0..pool.threads()).map(|_| 0.into()).collect();
+        let start = Instant::now();
+        pool.run(|w, n| {
+            let part = &buf[split_range(words, 512, w, n)];
+            // Eight independent lanes so the loop is bound by loads, not by one add chain.
+            let mut acc = [0u64; 8];
+            for chunk in part.chunks_exact(8) {
+                for (a, v) in acc.iter_mut().zip(chunk) {
+                    *a = a.wrapping_add(*v);
+                }
+            }
+            sums[w].store(
+                acc.iter().fold(0, |s, v| s.wrapping_add(*v)),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        });
+        let secs = start.elapsed().as_secs_f64();
+        black_box(&sums);
+        best = best.max(bytes as f64 / secs / 1e9);
+    }
+    best
+}
+
+/// Deterministic token ids for timing runs.
+fn tokens(n: usize, vocab: usize, seed: usize) -> Vec<u32> {
+    (0..n)
+        .map(|i| ((i * 7919 + seed * 104729) % vocab) as u32)
+        .collect()
+}
+
+/// Seconds to prefill `n` tokens from position 0.
+pub fn time_prefill(
+    model: &Model,
+    pool: &Pool,
+    kernels: Kernels,
+    n: usize,
+) -> Result<f64, InferError> {
+    let mut state = State::new(model, kernels, pool, n);
+    let ids = tokens(n, model.config.vocab_size as usize, 1);
+    let start = Instant::now();
+    model.forward(pool, &mut state, &ids, Logits::Last, &mut NoProbe)?;
+    Ok(start.elapsed().as_secs_f64())
+}
+
+/// Seconds per token to decode `n` tokens one at a time starting at position `context`.
+/// The cache before `context` is not computed (its contents don't change the cost).
+pub fn time_decode(
+    model: &Model,
+    pool: &Pool,
+    kernels: Kernels,
+    context: usize,
+    n: usize,
+) -> Result<f64, InferError> {
+    let mut state = State::new(model, kernels, pool, context + n + 1);
+    let ids = tokens(n + 1, model.config.vocab_size as usize, 2);
+    state.pos = context;
+    model.forward(pool, &mut state, &ids[..1], Logits::Last, &mut NoProbe)?; // warm up
+    let start = Instant::now();
+    for &t in &ids[1..] {
+        model.forward(pool, &mut state, &[t], Logits::Last, &mut NoProbe)?;
+    }
+    Ok(start.elapsed().as_secs_f64() / n as f64)
+}
+
+/// Bytes a decode step reads at `context`: every weight once, plus the KV cache.
+pub fn bytes_per_token(model: &Model, context: usize) -> u64 {
+    let c = &model.config;
+    let kv = 2 * c.num_hidden_layers * context as u64 * c.kv_dim() * 4;
+    model.weight_bytes_per_token() + kv
+}
+
+/// One kernel's throughput on one ISA.
+#[derive(Clone, Debug, Serialize)]
+pub struct KernelSpeed {
+    pub kernel: String,
+    pub isa: String,
+    pub shape: String,
+    /// Weight bytes streamed per second (from memory, not cache).
+    pub gb_per_s: f64,
+    /// For the matrix-matrix kernel: int8×trit multiply-adds per second.
+    pub gops: Option<f64>,
+}
+
+/// Single-thread throughput of each kernel on each ISA this CPU has, on 2B-4T shapes, with
+/// weights cycled through a set larger than the caches.
+pub fn kernel_speeds(budget_bytes: usize) -> Vec<KernelSpeed> {
+    let mut out = Vec::new();
+    let shapes = [(6912usize, 2560usize), (2560, 6912)];
+    for isa in Isa::all_available() {
+        let k = Kernels::for_isa(isa).expect("available");
+        for (rows, cols) in shapes {
+            let nb = cols.div_ceil(128);
+            let mat = rows * nb * 32;
+            let copies = (budget_bytes / mat).max(2);
+            let weights: Vec<u8> = (0..mat * copies)
+                .map(|i| [0x55u8, 0x96, 0x19, 0x64][i % 4])
+                .collect();
+            let q: Vec<i8> = (0..nb * 128).map(|i| (i % 255) as i8).collect();
+            let qsum = q.iter().map(|&v| i32::from(v)).sum();
+            let mut acc = vec![0i32; rows];
+            let reps = if isa == Isa::Scalar { 1 } else { 3 };
+            let start = Instant::now();
+            for r in 0..reps * copies {
+                let m = r % copies;
+                k.tq2_gemv(&weights[m * mat..(m + 1) * mat], nb, &q, qsum, &mut acc);
+                black_box(&acc);
+            }
+            let secs = start.elapsed().as_secs_f64();
+            out.push(KernelSpeed {
+                kernel: "tq2_gemv".into(),
+                isa: k.variant().into(),
+                shape: format!("{rows}x{cols}"),
+                gb_per_s: (mat * reps * copies) as f64 / secs / 1e9,
+                gops: None,
+            });
+
+            // Prefill: 64 tokens against one matrix at a time.
+            let n = 64;
+            let qs: Vec<i8> = (0..n * nb * 128).map(|i| (i % 251) as i8).collect();
+            let sums: Vec<i32> = qs
+                .chunks_exact(nb * 128)
+                .map(|r| r.iter().map(|&v| i32::from(v)).sum())
+                .collect();
+            let mut outm = vec![0i32; n * rows];
+            let mats = if isa == Isa::Scalar { 1 } else { copies.min(8) };
+            let start = Instant::now();
+            for m in 0..mats {
+                k.tq2_gemm(
+                    &weights[m * mat..(m + 1) * mat],
+                    nb,
+                    rows,
+                    &qs,
+                    &sums,
+                    n,
+                    &mut outm,
+                );
+                black_box(&outm);
+            }
+            let secs = start.elapsed().as_secs_f64();
+            out.push(KernelSpeed {
+                kernel: "tq2_gemm x64".into(),
+                isa: k.variant().into(),
+                shape: format!("{rows}x{cols}"),
+                gb_per_s: (mat * mats) as f64 / secs / 1e9,
+                gops: Some((rows * cols * n * mats) as f64 / secs / 1e9),
+            });
+        }
+        // The bf16 head of 2B-4T: 128256 x 2560.
+        let (rows, cols) = (128256usize, 2560usize);
+        let w: Vec<u16> = (0..rows * cols)
+            .map(|i| (0x3c00 + (i % 512)) as u16)
+            .collect();
+        let x: Vec<f32> = (0..cols).map(|i| i as f32 * 1e-3).collect();
+        let mut y = vec![0.0f32; rows];
+        let reps = if isa == Isa::Scalar { 1 } else { 2 };
+        let start = Instant::now();
+        for _ in 0..reps {
+            k.bf16_gemv(&w, cols, &x, &mut y);
+            black_box(&y);
+        }
+        let secs = start.elapsed().as_secs_f64();
+        out.push(KernelSpeed {
+            kernel: "bf16_gemv".into(),
+            isa: k.variant().into(),
+            shape: format!("{rows}x{cols}"),
+            gb_per_s: (rows * cols * 2 * reps) as f64 / secs / 1e9,
+            gops: None,
+        });
+    }
+    out
+}

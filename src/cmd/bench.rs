@@ -1,0 +1,223 @@
+use std::process::ExitCode;
+
+use anyhow::Result;
+use serde::Serialize;
+use serde_json::json;
+use tern_infer::bench::{
+    bytes_per_token, kernel_speeds, read_bandwidth, time_decode, time_prefill, KernelSpeed,
+};
+use tern_infer::model::Model;
+use tern_infer::pool::Pool;
+
+use super::run::ModelArgs;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A .tern file
+    model: std::path::PathBuf,
+    /// Force a kernel: scalar, avx2, avx512, neon (default: best for this CPU)
+    #[arg(long)]
+    kernel: Option<String>,
+    /// Prompt tokens for the prefill measurement
+    #[arg(short = 'p', long, default_value_t = 128)]
+    prompt: usize,
+    /// Tokens decoded per decode measurement
+    #[arg(short = 'n', long, default_value_t = 128)]
+    decode: usize,
+    /// Thread counts to measure, comma-separated (default: physical cores)
+    #[arg(short = 't', long, value_delimiter = ',')]
+    threads: Vec<usize>,
+    /// Context lengths at which decode is measured
+    #[arg(long, value_delimiter = ',', default_values_t = [128usize, 1024, 4096])]
+    contexts: Vec<usize>,
+    /// Repeats of every measurement (min/median/max are reported)
+    #[arg(long, default_value_t = 5)]
+    repeat: usize,
+    /// Also measure every kernel on every ISA this CPU has
+    #[arg(long)]
+    kernels: bool,
+    /// Print one JSON document
+    #[arg(long)]
+    json: bool,
+    /// No progress bar
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+#[derive(Serialize)]
+struct Spread {
+    min: f64,
+    median: f64,
+    max: f64,
+}
+
+fn spread(mut v: Vec<f64>) -> Spread {
+    v.sort_by(f64::total_cmp);
+    Spread {
+        min: v[0],
+        median: v[v.len() / 2],
+        max: v[v.len() - 1],
+    }
+}
+
+#[derive(Serialize)]
+struct Decode {
+    context: usize,
+    tokens_per_second: Spread,
+    bytes_per_token: u64,
+    gb_per_s: f64,
+    fraction_of_bandwidth_bound: f64,
+}
+
+#[derive(Serialize)]
+struct Run {
+    threads: usize,
+    read_bandwidth_gb_per_s: f64,
+    prefill_tokens: usize,
+    prefill_tokens_per_second: Spread,
+    decode: Vec<Decode>,
+}
+
+pub fn run(args: Args) -> Result<ExitCode> {
+    let model_args = ModelArgs {
+        model: args.model.clone(),
+        threads: None,
+        kernel: args.kernel.clone(),
+        ctx: None,
+    };
+    let file = model_args.open()?;
+    let model = Model::load(&file)?;
+    let kernels = model_args.kernels()?;
+    let max_ctx = model.config.max_position_embeddings as usize;
+    let contexts: Vec<usize> = args
+        .contexts
+        .iter()
+        .copied()
+        .filter(|&c| c + args.decode < max_ctx.max(args.decode + 1) + 1)
+        .collect();
+    let threads = if args.threads.is_empty() {
+        vec![model_args.pool().threads()]
+    } else {
+        args.threads.clone()
+    };
+    let repeat = args.repeat.max(1);
+    let steps = threads.len() * (1 + repeat * (1 + contexts.len()));
+    let bar = super::count_bar(args.quiet || args.json, "benchmarking", steps as u64);
+    let cpu = cpu_model();
+
+    let mut runs = Vec::new();
+    for &t in &threads {
+        let pool = Pool::new(t.max(1));
+        // The bandwidth and the decode it bounds are measured in the same run.
+        let bandwidth = read_bandwidth(&pool, 1 << 30, 3);
+        bar.inc(1);
+        let mut prefill = Vec::new();
+        for _ in 0..repeat {
+            prefill.push(args.prompt as f64 / time_prefill(&model, &pool, kernels, args.prompt)?);
+            bar.inc(1);
+        }
+        let mut decode = Vec::new();
+        for &ctx in &contexts {
+            let mut tps = Vec::new();
+            for _ in 0..repeat {
+                tps.push(1.0 / time_decode(&model, &pool, kernels, ctx, args.decode)?);
+                bar.inc(1);
+            }
+            let s = spread(tps);
+            let bytes = bytes_per_token(&model, ctx + args.decode / 2);
+            let gbs = s.median * bytes as f64 / 1e9;
+            decode.push(Decode {
+                context: ctx,
+                bytes_per_token: bytes,
+                gb_per_s: gbs,
+                fraction_of_bandwidth_bound: gbs / bandwidth,
+                tokens_per_second: s,
+            });
+        }
+        runs.push(Run {
+            threads: pool.threads(),
+            read_bandwidth_gb_per_s: bandwidth,
+            prefill_tokens: args.prompt,
+            prefill_tokens_per_second: spread(prefill),
+            decode,
+        });
+    }
+    let kernel_table: Vec<KernelSpeed> = if args.kernels {
+        kernel_speeds(256 << 20)
+    } else {
+        Vec::new()
+    };
+    bar.finish_and_clear();
+
+    if args.json {
+        let doc = json!({
+            "model": args.model,
+            "cpu": cpu,
+            "kernel": kernels.variant(),
+            "weight_bytes_per_token": model.weight_bytes_per_token(),
+            "runs": runs,
+            "kernels": kernel_table,
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{} on {cpu}, {} kernels",
+        args.model.display(),
+        kernels.variant()
+    );
+    println!(
+        "weights read per decoded token: {:.3} GB",
+        model.weight_bytes_per_token() as f64 / 1e9
+    );
+    for r in &runs {
+        let p = &r.prefill_tokens_per_second;
+        println!(
+            "\n{} threads: read bandwidth {:.2} GB/s",
+            r.threads, r.read_bandwidth_gb_per_s
+        );
+        println!(
+            "  prefill {} tokens: {:.1} tok/s (min {:.1}, max {:.1})",
+            r.prefill_tokens, p.median, p.min, p.max
+        );
+        for d in &r.decode {
+            let s = &d.tokens_per_second;
+            println!(
+                "  decode at context {:>5}: {:.2} tok/s (min {:.2}, max {:.2}), {:.3} GB/token, {:.2} GB/s = {:.0}% of the bandwidth bound",
+                d.context, s.median, s.min, s.max, d.bytes_per_token as f64 / 1e9, d.gb_per_s, 100.0 * d.fraction_of_bandwidth_bound
+            );
+        }
+        if let Some(d) = r.decode.first() {
+            println!(
+                "  prefill / decode: {:.1}x",
+                p.median / d.tokens_per_second.median
+            );
+        }
+    }
+    if !kernel_table.is_empty() {
+        println!("\nkernels (1 thread, weights from memory):");
+        for k in &kernel_table {
+            let ops = k
+                .gops
+                .map_or(String::new(), |g| format!(", {g:.1} G multiply-adds/s"));
+            println!(
+                "  {:<14} {:<14} {:>12} {:>7.2} GB/s{ops}",
+                k.kernel, k.isa, k.shape, k.gb_per_s
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The CPU model from /proc/cpuinfo, to record beside every figure.
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
