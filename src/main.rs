@@ -29,6 +29,8 @@ enum Command {
     /// Prove a conversion faithful: checksums, exact weights (--source), kernel parity
     /// with the f32 reference forward, agreement with transformers (--reference)
     Verify(cmd::verify::Args),
+    /// Perplexity of the model over a text file (--ppl FILE)
+    Eval(cmd::eval::Args),
     /// Measure read bandwidth, prefill and decode speed (and kernels with --kernels)
     Bench(cmd::bench::Args),
     /// Write a random model of a real shape (for benchmarks), as .tern or as a HF checkpoint
@@ -48,6 +50,7 @@ fn main() -> ExitCode {
         Command::Verify(args) => cmd::verify::run(args),
         Command::Synth(args) => cmd::synth::run(args),
         Command::Bench(args) => cmd::bench::run(args),
+        Command::Eval(args) => cmd::eval::run(args),
     };
     match result {
         Ok(code) => code,

@@ -1,7 +1,9 @@
 //! End-to-end tests: the `tern` binary and the library crates on the fixture checkpoints.
 
 mod common;
+mod compact;
 mod convert;
+mod default_model;
 mod inference;
 mod inspect;
 mod verify;

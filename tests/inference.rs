@@ -235,6 +235,19 @@ fn bad_input_gives_clear_errors() {
     let long = "word ".repeat(200);
     let err = tern_fails(&["generate", p, "-p", &long, "--ctx", "16"], 2);
     assert!(err.contains("context is full"), "{err}");
+    let out = tern(&[
+        "generate",
+        p,
+        "-p",
+        "The lighthouse keeper",
+        "-n",
+        "8",
+        "--ctx",
+        "12",
+    ]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("context of 12 tokens is full"), "{err}");
     let err = tern_fails(&["generate", p, "-p", "hi", "--kernel", "sse9"], 2);
     assert!(err.contains("unknown kernel"), "{err}");
 }

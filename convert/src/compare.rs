@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use serde::Serialize;
-use tern_format::{tq2, Layout, TernFile};
+use tern_format::{q8row, Layout, TernFile};
 
 use crate::error::Result;
 use crate::family::{Origin, Planned};
@@ -23,6 +23,19 @@ pub struct Mismatch {
     pub found: String,
 }
 
+/// How far a Q8_ROW tensor is from the source floats it was quantized from.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct QuantizedTensor {
+    pub tensor: String,
+    pub values: u64,
+    /// `max |source − scale·q|` over the tensor.
+    pub max_abs_error: f32,
+    /// `max |source|` over the tensor, for scale.
+    pub max_abs_value: f32,
+    /// Root mean square error.
+    pub rms_error: f64,
+}
+
 /// The outcome of [`compare_with_source`].
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct WeightComparison {
@@ -33,6 +46,9 @@ pub struct WeightComparison {
     pub scale_mismatches: u64,
     pub float_values_compared: u64,
     pub float_mismatches: u64,
+    /// Tensors stored lossily on purpose (Q8_ROW embeddings/head, `--head q8`): their
+    /// error is reported here and is not a mismatch.
+    pub quantized: Vec<QuantizedTensor>,
     /// Config fields whose value differs from what the source's config.json gives.
     pub config_mismatches: Vec<String>,
     /// The first mismatches (at most 20).
@@ -158,21 +174,21 @@ fn compare_trits(
     cmp: &mut WeightComparison,
 ) {
     let (rows, cols) = (p.shape[0] as usize, p.shape[1] as usize);
-    if t.layout != Some(Layout::Tq2) || t.shape != p.shape {
+    let Some(layout) = t.layout.filter(|l| l.is_ternary() && t.shape == p.shape) else {
         cmp.trit_mismatches += (rows * cols) as u64;
         cmp.record(Mismatch {
             tensor: p.name.clone(),
             index: vec![],
-            expected: format!("TQ2 {:?}", p.shape),
+            expected: format!("TQ2 or TQ1 {:?}", p.shape),
             found: format!("{:?} {:?}", t.layout, t.shape),
         });
         return;
-    }
-    let row_bytes = tq2::row_bytes(cols as u64) as usize;
+    };
+    let row_bytes = layout.ternary_row_bytes(cols as u64).expect("ternary") as usize;
     let mut row = vec![0i8; cols];
     for (o, bytes) in file.data(t).chunks_exact(row_bytes).enumerate() {
-        if let Err(c) = tq2::unpack_row(bytes, &mut row) {
-            row[c] = 2; // code 3: never equal to a trit
+        if let Err(c) = layout.unpack_ternary_row(bytes, &mut row) {
+            row[c] = 2; // an invalid code: never equal to a trit
         }
         for (c, &got) in row.iter().enumerate() {
             let want = expected(o, c);
@@ -183,7 +199,7 @@ fn compare_trits(
                     index: vec![o as u64, c as u64],
                     expected: want.to_string(),
                     found: if got == 2 {
-                        "code 3".into()
+                        "invalid code".into()
                     } else {
                         got.to_string()
                     },
@@ -216,6 +232,10 @@ fn compare_float(
 ) {
     let elem = dtype.size();
     let stored = file.data(t);
+    if t.layout == Some(Layout::Q8Row) && t.shape.len() == 2 {
+        compare_quantized(t, stored, data, dtype, cmp);
+        return;
+    }
     let same_layout = matches!(
         (t.layout, dtype),
         (Some(Layout::F32), safetensors::Dtype::F32)
@@ -249,4 +269,43 @@ fn compare_float(
             });
         }
     }
+}
+
+/// A Q8_ROW tensor against its source floats: the quantization error, not a mismatch. A
+/// non-finite row scale (which `tern inspect --check` rejects) counts as mismatches.
+fn compare_quantized(
+    t: &tern_format::TensorInfo,
+    stored: &[u8],
+    data: &[u8],
+    dtype: safetensors::Dtype,
+    cmp: &mut WeightComparison,
+) {
+    let cols = t.shape[1] as usize;
+    let stride = q8row::row_stride(cols as u64) as usize;
+    let row_in = cols * dtype.size();
+    let mut q = QuantizedTensor {
+        tensor: t.name.clone(),
+        ..Default::default()
+    };
+    let mut sq = 0.0f64;
+    let mut got = vec![0.0f32; cols];
+    for (rec, src) in stored.chunks_exact(stride).zip(data.chunks_exact(row_in)) {
+        let Ok(want) = to_f32(src, dtype) else {
+            continue; // the converter refuses non-finite sources
+        };
+        q8row::dequantize_row(rec, &mut got);
+        for (w, g) in want.iter().zip(&got) {
+            let e = (w - g).abs();
+            if !e.is_finite() {
+                cmp.float_mismatches += 1;
+            }
+            q.max_abs_error = q.max_abs_error.max(e);
+            q.max_abs_value = q.max_abs_value.max(w.abs());
+            sq += f64::from(e) * f64::from(e);
+        }
+        q.values += cols as u64;
+    }
+    q.rms_error = (sq / q.values.max(1) as f64).sqrt();
+    cmp.float_values_compared += q.values;
+    cmp.quantized.push(q);
 }

@@ -28,9 +28,42 @@ pub use source::Checkpoint;
 /// The converter's name and version, recorded in every file's provenance.
 pub const CONVERTER: &str = concat!("tern-convert ", env!("CARGO_PKG_VERSION"));
 
+/// How ternary weights are stored (`tern convert --layout`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TernaryFormat {
+    /// TQ2, 2 bits per weight (docs/format.md §6.1): the fastest kernels.
+    #[default]
+    Tq2,
+    /// TQ1, 1.6 bits per weight (§6.3): 20% fewer weight bytes to stream per token.
+    Tq1,
+}
+
+impl TernaryFormat {
+    pub fn layout(self) -> Layout {
+        match self {
+            TernaryFormat::Tq2 => Layout::Tq2,
+            TernaryFormat::Tq1 => Layout::Tq1,
+        }
+    }
+}
+
+/// How the embeddings and output head are stored (`tern convert --head`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HeadFormat {
+    /// The source's float values, bit for bit (F32, F16 or BF16).
+    #[default]
+    Exact,
+    /// Q8_ROW (§6.4): int8 with one f32 scale per row, about half of bf16; lossy.
+    Q8,
+}
+
 /// Options of [`convert`].
 #[derive(Clone, Debug, Default)]
 pub struct Options {
+    /// Layout of the ternary weights.
+    pub ternary: TernaryFormat,
+    /// Layout of the embeddings and head.
+    pub head: HeadFormat,
     /// Use this family instead of detecting it.
     pub family: Option<Family>,
     /// Turn warnings (all −1 packed tensors, all-zero float tensors, assumed config
@@ -125,7 +158,7 @@ pub fn convert(
         total += src.len;
         specs.push(TensorSpec {
             name: p.name.clone(),
-            layout: output_layout(&ck, p, src)?,
+            layout: output_layout(&ck, p, src, options)?,
             shape: p.shape.clone(),
         });
     }
@@ -147,6 +180,7 @@ pub fn convert(
         convert_tensors(
             &ck,
             family,
+            options,
             &plan,
             &mut writer,
             &mut warnings,
@@ -193,6 +227,7 @@ enum Piece {
 fn convert_tensors(
     ck: &Checkpoint,
     family: Family,
+    options: &Options,
     plan: &[family::Planned],
     writer: &mut Writer,
     warnings: &mut Vec<String>,
@@ -204,7 +239,7 @@ fn convert_tensors(
         let producer = scope.spawn(move || {
             let mut warnings = Vec::new();
             for p in plan {
-                let sent = produce(ck, family, p, &mut warnings, &tx);
+                let sent = produce(ck, family, options, p, &mut warnings, &tx);
                 if let Err(e) = sent {
                     let _ = tx.send(Err(e));
                     break;
@@ -241,6 +276,7 @@ fn convert_tensors(
 fn produce(
     ck: &Checkpoint,
     family: Family,
+    options: &Options,
     p: &family::Planned,
     warnings: &mut Vec<String>,
     tx: &std::sync::mpsc::SyncSender<Result<Piece>>,
@@ -251,7 +287,28 @@ fn produce(
     };
     let src = ck.get(p.origin.src()).expect("planned tensors exist");
     let name = p.name.clone();
+    let layout = options.ternary.layout();
     match &p.origin {
+        family::Origin::Float { .. }
+            if p.role == TensorRole::Embedding && options.head == HeadFormat::Q8 =>
+        {
+            // Whole rows at a time (a row's scale needs all of it), about 16 MiB per read.
+            let (rows, cols) = (p.shape[0] as usize, p.shape[1] as usize);
+            let row_in = cols * src.dtype.size();
+            let chunk_rows = ((16 << 20) / row_in.max(1)).max(1);
+            send(Piece::Begin { name, scale: 1.0 })?;
+            let mut r0 = 0;
+            while r0 < rows {
+                let n = chunk_rows.min(rows - r0);
+                let mut bytes = vec![0u8; n * row_in];
+                ck.read_range(src, (r0 * row_in) as u64, &mut bytes)?;
+                let q = ternary::quantize_rows_q8(&bytes, src.dtype, cols).map_err(|i| {
+                    ck.tensor_error(src, format!("element {} is NaN or infinite", r0 * cols + i))
+                })?;
+                send(Piece::Data(q))?;
+                r0 += n;
+            }
+        }
         family::Origin::Float { .. } => {
             const CHUNK: u64 = 16 << 20;
             send(Piece::Begin { name, scale: 1.0 })?;
@@ -300,7 +357,7 @@ fn produce(
                 )
             })?;
             send(Piece::Begin { name, scale })?;
-            send(Piece::Data(tq))?;
+            send(Piece::Data(ternary::tq2_to(layout, tq, rows, cols)))?;
         }
         family::Origin::Masters { .. } => {
             let (rows, cols) = (p.shape[0] as usize, p.shape[1] as usize);
@@ -313,7 +370,7 @@ fn produce(
                 name,
                 scale: t.scale,
             })?;
-            send(Piece::Data(t.tq2))?;
+            send(Piece::Data(ternary::tq2_to(layout, t.tq2, rows, cols)))?;
         }
     }
     send(Piece::End {
@@ -326,6 +383,7 @@ fn output_layout(
     ck: &Checkpoint,
     p: &family::Planned,
     src: &source::SourceTensor,
+    options: &Options,
 ) -> Result<Layout> {
     let shape_error = |expected: Vec<u64>| {
         ck.tensor_error(
@@ -338,7 +396,9 @@ fn output_layout(
             if src.shape != p.shape {
                 return Err(shape_error(p.shape.clone()));
             }
+            let q8 = p.role == TensorRole::Embedding && options.head == HeadFormat::Q8;
             match src.dtype {
+                Dtype::F32 | Dtype::F16 | Dtype::BF16 if q8 => Ok(Layout::Q8Row),
                 Dtype::F32 => Ok(Layout::F32),
                 Dtype::F16 => Ok(Layout::F16),
                 Dtype::BF16 => Ok(Layout::Bf16),
@@ -365,7 +425,7 @@ fn output_layout(
             if src.shape != [out / 4, cols] {
                 return Err(shape_error(vec![out / 4, cols]));
             }
-            Ok(Layout::Tq2)
+            Ok(options.ternary.layout())
         }
         (family::Origin::Masters { .. }, TensorRole::Ternary) => {
             if src.shape != p.shape {
@@ -377,7 +437,7 @@ fn output_layout(
                     format!("dtype {:?}, master weights are floats", src.dtype),
                 ));
             }
-            Ok(Layout::Tq2)
+            Ok(options.ternary.layout())
         }
         _ => unreachable!("planned origins match roles"),
     }

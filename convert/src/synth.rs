@@ -9,7 +9,7 @@ use std::path::Path;
 use half::bf16;
 use serde_json::json;
 use tern_format::{
-    expected_tensors, tq2, Activation, Architecture, Layout, Metadata, ModelConfig, Provenance,
+    expected_tensors, Activation, Architecture, Layout, Metadata, ModelConfig, Provenance,
     RopeStyle, ScaleConvention, TensorRole, TensorSpec, Writer,
 };
 
@@ -180,6 +180,28 @@ pub fn synth_tern(
     seed: u64,
     progress: &dyn Fn(u64, u64),
 ) -> Result<()> {
+    synth_tern_with(
+        preset,
+        path,
+        seed,
+        crate::TernaryFormat::Tq2,
+        crate::HeadFormat::Exact,
+        progress,
+    )
+}
+
+/// [`synth_tern`] with a choice of ternary layout and head format (the same noise: a TQ1
+/// file holds the same trits as the TQ2 one of the same seed; a Q8 head is the bf16 noise
+/// quantized per row).
+pub fn synth_tern_with(
+    preset: Preset,
+    path: &Path,
+    seed: u64,
+    ternary: crate::TernaryFormat,
+    head: crate::HeadFormat,
+    progress: &dyn Fn(u64, u64),
+) -> Result<()> {
+    let q8 = head == crate::HeadFormat::Q8;
     let config = preset.config();
     let tokenizer = tokenizer_json(config.vocab_size);
     let plan = expected_tensors(&config);
@@ -187,10 +209,10 @@ pub fn synth_tern(
         .iter()
         .map(|(name, shape, role)| TensorSpec {
             name: name.clone(),
-            layout: if *role == TensorRole::Ternary {
-                Layout::Tq2
-            } else {
-                Layout::Bf16
+            layout: match role {
+                TensorRole::Ternary => ternary.layout(),
+                TensorRole::Embedding if q8 => Layout::Q8Row,
+                _ => Layout::Bf16,
             },
             shape: shape.clone(),
         })
@@ -206,16 +228,38 @@ pub fn synth_tern(
         match role {
             TensorRole::Ternary => {
                 let (rows, cols) = (shape[0] as usize, shape[1] as usize);
-                let rb = tq2::row_bytes(cols as u64) as usize;
+                let rb = spec.layout.ternary_row_bytes(cols as u64).unwrap_or(0) as usize;
                 let mut data = vec![0u8; rows * rb];
                 let mut trits = vec![0i8; cols];
                 for row in data.chunks_exact_mut(rb) {
                     trits.iter_mut().for_each(|t| *t = noise.trit());
-                    tq2::pack_row(&trits, row);
+                    spec.layout.pack_ternary_row(&trits, row);
                 }
                 let scale = 1.0 / (cols as f32).sqrt();
                 writer.write_tensor(&spec.name, scale, &data)?;
                 done += data.len() as u64;
+            }
+            TensorRole::Embedding if q8 => {
+                // Row by row: the same bf16 noise as the exact file, quantized per row.
+                let (rows, cols) = (shape[0] as usize, shape[1] as usize);
+                let stride = tern_format::q8row::row_stride(cols as u64) as usize;
+                writer.begin_tensor(&spec.name, 1.0)?;
+                let mut w = vec![0.0f32; cols];
+                let mut rec = vec![0u8; stride];
+                let mut buf = Vec::with_capacity(1 << 20);
+                for r in 0..rows {
+                    for v in w.iter_mut() {
+                        *v = bf16::from_f32(0.02 * noise.normal()).to_f32();
+                    }
+                    tern_format::q8row::quantize_row(&w, &mut rec);
+                    buf.extend_from_slice(&rec);
+                    if buf.len() >= 1 << 20 || r + 1 == rows {
+                        writer.write_chunk(&buf)?;
+                        buf.clear();
+                    }
+                }
+                writer.end_tensor()?;
+                done += (rows * stride) as u64;
             }
             TensorRole::Norm | TensorRole::Embedding => {
                 let n: u64 = shape.iter().product();

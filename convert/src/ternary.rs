@@ -62,6 +62,64 @@ pub fn packed_to_tq2(packed: &[u8], out_rows: usize, cols: usize) -> Result<Vec<
     Ok(out)
 }
 
+/// Re-lays TQ2 rows (`rows × cols`, valid codes) in another ternary layout; TQ2 itself is
+/// returned unchanged. Trits are decoded and packed again, rows in parallel.
+pub fn tq2_to(
+    layout: tern_format::Layout,
+    tq2_bytes: Vec<u8>,
+    rows: usize,
+    cols: usize,
+) -> Vec<u8> {
+    if layout == tern_format::Layout::Tq2 {
+        return tq2_bytes;
+    }
+    let rb_in = tq2::row_bytes(cols as u64) as usize;
+    let rb_out = layout
+        .ternary_row_bytes(cols as u64)
+        .expect("a ternary layout") as usize;
+    let mut out = vec![0u8; rows * rb_out];
+    out.par_chunks_mut(rb_out)
+        .zip(tq2_bytes.par_chunks(rb_in))
+        .for_each_init(
+            || vec![0i8; cols],
+            |trits, (dst, src)| {
+                tq2::unpack_row(src, trits).expect("TQ2 rows were validated");
+                layout.pack_ternary_row(trits, dst);
+            },
+        );
+    out
+}
+
+/// Q8_ROW records (docs/format.md §6.4) of whole rows of float bytes of `dtype`, rows in
+/// parallel. `Err(i)`: element `i` of the chunk is not finite.
+pub fn quantize_rows_q8(bytes: &[u8], dtype: Dtype, cols: usize) -> Result<Vec<u8>, usize> {
+    let row_in = cols * dtype.size();
+    let rows = bytes.len() / row_in.max(1);
+    let stride = tern_format::q8row::row_stride(cols as u64) as usize;
+    let mut out = vec![0u8; rows * stride];
+    let bad = out
+        .par_chunks_mut(stride)
+        .zip(bytes.par_chunks(row_in))
+        .enumerate()
+        .map_init(
+            || vec![0.0f32; cols],
+            |buf, (r, (dst, src))| {
+                decode(src, dtype, buf);
+                if let Some(c) = buf.iter().position(|x| !x.is_finite()) {
+                    return Some(r * cols + c);
+                }
+                tern_format::q8row::quantize_row(buf, dst);
+                None
+            },
+        )
+        .flatten()
+        .min();
+    match bad {
+        Some(i) => Err(i),
+        None => Ok(out),
+    }
+}
+
 /// Decodes little-endian float bytes of `dtype` into `out`.
 fn decode(bytes: &[u8], dtype: Dtype, out: &mut [f32]) {
     match dtype {

@@ -160,7 +160,7 @@ impl ModelConfig {
 /// What kind of data a tensor of the model holds, which decides its allowed layouts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TensorRole {
-    /// Embedding table or output head: a float layout.
+    /// Embedding table or output head: a float layout, or Q8_ROW.
     Embedding,
     /// RMSNorm weight: a float layout.
     Norm,
@@ -171,7 +171,8 @@ pub enum TensorRole {
 impl TensorRole {
     pub fn allows(self, layout: Layout) -> bool {
         match self {
-            TensorRole::Embedding | TensorRole::Norm => layout.is_float(),
+            TensorRole::Embedding => layout.is_float() || layout == Layout::Q8Row,
+            TensorRole::Norm => layout.is_float(),
             TensorRole::Ternary => layout.is_ternary(),
         }
     }

@@ -124,8 +124,10 @@ pub enum TensorProblem {
         "checksum mismatch (stored {stored:016x}, computed {computed:016x}): the data is damaged"
     )]
     Checksum { stored: u64, computed: u64 },
-    #[error("invalid ternary code 3 at row {row}, column {col}")]
+    #[error("invalid ternary code at row {row}, column {col} (TQ2 code 3, a TQ1 byte that encodes no 5 trits, or a non-zero padding trit)")]
     InvalidTrit { row: u64, col: u64 },
+    #[error("Q8_ROW row {row} has a scale that is not finite and non-negative")]
+    BadRowScale { row: u64 },
     #[error("data is not aligned for {0}-byte elements")]
     ViewAlignment(usize),
     #[error("layout {found} cannot be viewed as {wanted}")]

@@ -5,13 +5,16 @@
 //! - [`TernFile`] memory-maps a file and validates its header, metadata and tensor
 //!   directory before handing out zero-copy views of tensor bytes. [`parse`] does the same
 //!   validation on any byte slice and never panics.
-//! - [`tq2`] encodes and decodes the 2-bit ternary layout the kernels consume.
+//! - [`tq2`] and [`tq1`] encode and decode the ternary layouts the kernels consume (2 and
+//!   1.6 bits per weight); [`q8row`] the int8-per-row layout of a compact head.
 #![deny(unsafe_code)]
 
 mod config;
 mod error;
 mod layout;
+pub mod q8row;
 mod reader;
+pub mod tq1;
 pub mod tq2;
 mod writer;
 

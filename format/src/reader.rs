@@ -313,7 +313,7 @@ fn parse_directory(
                         got: byte_len,
                     }));
                 }
-                if layout.is_float() && scale != 1.0 && scale.is_finite() && scale > 0.0 {
+                if layout.unit_scale() && scale != 1.0 && scale.is_finite() && scale > 0.0 {
                     return Err(bad(TensorProblem::FloatScale(scale)));
                 }
             }
@@ -553,26 +553,45 @@ impl TernFile {
         bad
     }
 
-    /// Checks that every ternary tensor holds only valid codes (no code 3, padding = 0).
+    /// Checks that every ternary tensor holds only valid codes (TQ2: no code 3; TQ1: only
+    /// the 243 valid bytes; padding = trit 0) and that every Q8_ROW row scale is finite
+    /// and non-negative.
     pub fn verify_trits(&self) -> Result<(), Error> {
+        let bad = |t: &TensorInfo, problem| Error::Invalid {
+            path: self.path.clone(),
+            problem: Problem::Tensor {
+                name: t.name.clone(),
+                problem,
+            },
+        };
         for t in &self.parsed.tensors {
-            if t.layout != Some(Layout::Tq2) {
-                continue;
-            }
-            let cols = t.shape[1] as usize;
-            let row_bytes = crate::tq2::row_bytes(t.shape[1]) as usize;
+            let Some(layout) = t.layout else { continue };
+            let cols = t.shape.get(1).copied().unwrap_or(0);
+            let find: fn(&[u8], usize) -> Option<usize> = match layout {
+                Layout::Tq2 => crate::tq2::find_invalid,
+                Layout::Tq1 => crate::tq1::find_invalid,
+                Layout::Q8Row => {
+                    let stride = crate::q8row::row_stride(cols) as usize;
+                    for (row, rec) in self.data(t).chunks_exact(stride).enumerate() {
+                        let s = crate::q8row::row_scale(rec);
+                        if !(s.is_finite() && s >= 0.0) {
+                            return Err(bad(t, TensorProblem::BadRowScale { row: row as u64 }));
+                        }
+                    }
+                    continue;
+                }
+                _ => continue,
+            };
+            let row_bytes = layout.ternary_row_bytes(cols).expect("ternary") as usize;
             for (row, bytes) in self.data(t).chunks_exact(row_bytes).enumerate() {
-                if let Some(col) = crate::tq2::find_invalid(bytes, cols) {
-                    return Err(Error::Invalid {
-                        path: self.path.clone(),
-                        problem: Problem::Tensor {
-                            name: t.name.clone(),
-                            problem: TensorProblem::InvalidTrit {
-                                row: row as u64,
-                                col: col as u64,
-                            },
+                if let Some(col) = find(bytes, cols as usize) {
+                    return Err(bad(
+                        t,
+                        TensorProblem::InvalidTrit {
+                            row: row as u64,
+                            col: col as u64,
                         },
-                    });
+                    ));
                 }
             }
         }

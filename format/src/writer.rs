@@ -168,7 +168,7 @@ impl Writer {
                 "tensor {name:?} written where {expected:?} was declared"
             )));
         }
-        let float = slot.spec.layout.is_float();
+        let float = slot.spec.layout.unit_scale();
         if !(scale.is_finite() && scale > 0.0) || (float && scale != 1.0) {
             return Err(self.fail(format!("tensor {name:?}: invalid scale {scale}")));
         }

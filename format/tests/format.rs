@@ -49,15 +49,25 @@ fn metadata(tied: bool) -> Metadata {
 fn tensor_bytes(i: usize, layout: Layout, shape: &[u64]) -> Vec<u8> {
     let n = layout.byte_len(shape).unwrap() as usize;
     match layout {
-        Layout::Tq2 => {
+        Layout::Tq2 | Layout::Tq1 => {
             let (rows, cols) = (shape[0] as usize, shape[1] as usize);
-            let rb = tq2::row_bytes(cols as u64) as usize;
+            let rb = layout.ternary_row_bytes(cols as u64).unwrap() as usize;
             let mut out = vec![0u8; rows * rb];
             for r in 0..rows {
                 let trits: Vec<i8> = (0..cols)
                     .map(|c| ((r * 7 + c * 3 + i) % 3) as i8 - 1)
                     .collect();
-                tq2::pack_row(&trits, &mut out[r * rb..(r + 1) * rb]);
+                layout.pack_ternary_row(&trits, &mut out[r * rb..(r + 1) * rb]);
+            }
+            out
+        }
+        Layout::Q8Row => {
+            let (rows, cols) = (shape[0] as usize, shape[1] as usize);
+            let stride = tern_format::q8row::row_stride(cols as u64) as usize;
+            let mut out = vec![0u8; rows * stride];
+            for (r, rec) in out.chunks_exact_mut(stride).enumerate() {
+                let w: Vec<f32> = (0..cols).map(|c| (r * 5 + c + i) as f32 - 3.0).collect();
+                tern_format::q8row::quantize_row(&w, rec);
             }
             out
         }
@@ -67,15 +77,20 @@ fn tensor_bytes(i: usize, layout: Layout, shape: &[u64]) -> Vec<u8> {
 
 /// Writes a valid model with every tensor of the given float layout.
 fn write_model(path: &Path, float: Layout, tied: bool) {
+    write_model_with(path, float, Layout::Tq2, None, tied)
+}
+
+/// As [`write_model`], with the ternary layout and (optionally) the embedding layout.
+fn write_model_with(path: &Path, float: Layout, tern: Layout, embed: Option<Layout>, tied: bool) {
     let meta = metadata(tied);
     let specs: Vec<TensorSpec> = expected_tensors(&meta.config)
         .into_iter()
         .map(|(name, shape, role)| TensorSpec {
             name,
-            layout: if role == TensorRole::Ternary {
-                Layout::Tq2
-            } else {
-                float
+            layout: match role {
+                TensorRole::Ternary => tern,
+                TensorRole::Embedding => embed.unwrap_or(float),
+                TensorRole::Norm => float,
             },
             shape,
         })
@@ -130,6 +145,7 @@ fn round_trip_every_layout() {
                     Layout::F16 | Layout::Bf16 => {
                         assert_eq!(f.view_u16(t).unwrap().len() as u64, t.elements())
                     }
+                    Layout::Tq1 | Layout::Q8Row => unreachable!("not written here"),
                     Layout::Tq2 => {
                         let mut trits = vec![0i8; shape[1] as usize];
                         let rb = tq2::row_bytes(shape[1]) as usize;
@@ -145,6 +161,53 @@ fn round_trip_every_layout() {
             f.verify_trits().unwrap();
         }
     }
+}
+
+#[test]
+fn compact_layouts_round_trip_and_verify() {
+    for tied in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.tern");
+        write_model_with(&path, Layout::Bf16, Layout::Tq1, Some(Layout::Q8Row), tied);
+        let f = TernFile::open(&path).unwrap();
+        let expected = expected_tensors(&metadata(tied).config);
+        for (i, (t, (_, shape, role))) in f.tensors().iter().zip(&expected).enumerate() {
+            let layout = t.layout.unwrap();
+            match role {
+                TensorRole::Ternary => assert_eq!(layout, Layout::Tq1),
+                TensorRole::Embedding => assert_eq!(layout, Layout::Q8Row),
+                TensorRole::Norm => assert_eq!(layout, Layout::Bf16),
+            }
+            assert_eq!(f.data(t), tensor_bytes(i, layout, shape).as_slice());
+            if layout == Layout::Tq1 {
+                let mut trits = vec![0i8; shape[1] as usize];
+                let rb = tern_format::tq1::row_bytes(shape[1]) as usize;
+                tern_format::tq1::unpack_row(&f.data(t)[..rb], &mut trits).unwrap();
+                let want: Vec<i8> = (0..shape[1] as usize)
+                    .map(|c| ((c * 3 + i) % 3) as i8 - 1)
+                    .collect();
+                assert_eq!(trits, want);
+            }
+        }
+        assert!(f.verify_checksums(2).is_empty());
+        f.verify_trits().unwrap();
+    }
+    // A TQ1 byte that encodes no 5 trits is reported by the trit check.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.tern");
+    write_model_with(&path, Layout::F32, Layout::Tq1, Some(Layout::Q8Row), true);
+    let mut b = std::fs::read(&path).unwrap();
+    let off = {
+        let f = TernFile::open(&path).unwrap();
+        f.tensor("model.layers.0.self_attn.q_proj.weight")
+            .unwrap()
+            .offset as usize
+    };
+    b[off + 3] = 20; // invalid: columns 3, 35, 67, ... of row 0
+    std::fs::write(&path, &b).unwrap();
+    let f = TernFile::open(&path).unwrap();
+    let e = f.verify_trits().unwrap_err().to_string();
+    assert!(e.contains("row 0, column 3"), "{e}");
 }
 
 #[test]

@@ -8,6 +8,7 @@
 
 pub mod bench;
 pub mod chat;
+pub mod eval;
 pub mod generate;
 pub mod kernels;
 pub mod model;

@@ -15,16 +15,43 @@ use crate::pool::{split_range, Pool};
 use crate::reference::{Probe, Site};
 use crate::InferError;
 
-/// A ternary matrix `[rows, cols]` in the TQ2 layout, borrowed from the file.
+/// A ternary matrix `[rows, cols]` in the TQ2 or TQ1 layout, borrowed from the file.
 pub struct Ternary<'a> {
     pub name: String,
+    pub layout: Layout,
     pub data: &'a [u8],
     pub rows: usize,
     pub cols: usize,
-    /// 128-column blocks per row.
+    /// Blocks per row (128 columns for TQ2, 160 for TQ1; 32 bytes each).
     pub blocks: usize,
     /// True weight = scale × trit.
     pub scale: f32,
+}
+
+impl Ternary<'_> {
+    /// Columns per block of the layout.
+    pub fn block_cols(&self) -> usize {
+        match self.layout {
+            Layout::Tq1 => crate::kernels::TQ1_BLOCK_COLS,
+            _ => crate::kernels::TQ2_BLOCK_COLS,
+        }
+    }
+
+    /// Length of the (zero-padded) int8 activation row the kernels read.
+    pub fn act_len(&self) -> usize {
+        self.blocks * self.block_cols()
+    }
+
+    /// Row stride of the quantized activations this matrix reads: `act_len` rounded up to
+    /// the quantizer's multiple of 128 (TQ2: equal; TQ1 reads the first `act_len`).
+    pub fn act_stride(&self) -> usize {
+        self.act_len().div_ceil(128) * 128
+    }
+
+    /// Bytes of one packed row.
+    pub fn row_bytes(&self) -> usize {
+        self.blocks * 32
+    }
 }
 
 /// Dense rows (embeddings, head) in their stored precision, borrowed from the file.
@@ -32,6 +59,8 @@ pub enum Dense<'a> {
     F32(&'a [f32]),
     F16(&'a [u16]),
     Bf16(&'a [u16]),
+    /// Q8_ROW records: `[f32 scale][cols × i8][pad to 4]` per row (docs/format.md §6.4).
+    Q8(&'a [u8]),
 }
 
 pub struct DenseMatrix<'a> {
@@ -56,6 +85,19 @@ impl DenseMatrix<'_> {
                     *o = half::bf16::from_bits(b).to_f32();
                 }
             }
+            Dense::Q8(w) => {
+                let stride = crate::kernels::q8_row_stride(self.cols);
+                tern_format::q8row::dequantize_row(&w[r * stride..(r + 1) * stride], out);
+            }
+        }
+    }
+
+    /// Bytes of one stored row.
+    pub fn row_bytes(&self) -> usize {
+        match self.data {
+            Dense::F32(_) => 4 * self.cols,
+            Dense::F16(_) | Dense::Bf16(_) => 2 * self.cols,
+            Dense::Q8(_) => crate::kernels::q8_row_stride(self.cols),
         }
     }
 
@@ -66,6 +108,15 @@ impl DenseMatrix<'_> {
             Dense::F32(w) => k.f32_gemv(&w[range], self.cols, x, out),
             Dense::F16(w) => k.f16_gemv(&w[range], self.cols, x, out),
             Dense::Bf16(w) => k.bf16_gemv(&w[range], self.cols, x, out),
+            Dense::Q8(w) => {
+                let stride = crate::kernels::q8_row_stride(self.cols);
+                k.q8_gemv(
+                    &w[rows.start * stride..rows.end * stride],
+                    self.cols,
+                    x,
+                    out,
+                )
+            }
         }
     }
 }
@@ -124,6 +175,7 @@ fn dense<'a>(file: &'a TernFile, t: &TensorInfo) -> Result<DenseMatrix<'a>, Infe
         Some(Layout::F32) => Dense::F32(file.view_f32(t)?),
         Some(Layout::F16) => Dense::F16(file.view_u16(t)?),
         Some(Layout::Bf16) => Dense::Bf16(file.view_u16(t)?),
+        Some(Layout::Q8Row) => Dense::Q8(file.data(t)),
         other => {
             return Err(InferError::Unsupported(format!(
                 "{} has layout {other:?}",
@@ -139,19 +191,27 @@ fn dense<'a>(file: &'a TernFile, t: &TensorInfo) -> Result<DenseMatrix<'a>, Infe
 }
 
 fn ternary<'a>(file: &'a TernFile, t: &TensorInfo) -> Result<Ternary<'a>, InferError> {
-    if t.layout != Some(Layout::Tq2) {
-        return Err(InferError::Unsupported(format!(
-            "{} has layout {:?}; this build runs TQ2",
-            t.name, t.layout
-        )));
-    }
+    let layout = match t.layout {
+        Some(l @ (Layout::Tq2 | Layout::Tq1)) => l,
+        other => {
+            return Err(InferError::Unsupported(format!(
+                "{} has layout {other:?}; this build runs TQ2 and TQ1",
+                t.name
+            )))
+        }
+    };
     let cols = t.shape[1] as usize;
+    let blocks = match layout {
+        Layout::Tq1 => tern_format::tq1::blocks(cols as u64),
+        _ => tern_format::tq2::blocks(cols as u64),
+    };
     Ok(Ternary {
         name: t.name.clone(),
+        layout,
         data: file.data(t),
         rows: t.shape[0] as usize,
         cols,
-        blocks: tern_format::tq2::blocks(cols as u64) as usize,
+        blocks: blocks as usize,
         scale: t.scale,
     })
 }
@@ -219,11 +279,7 @@ impl<'a> Model<'a> {
                     .sum::<usize>()
             })
             .sum();
-        let elem = match self.head.data {
-            Dense::F32(_) => 4,
-            _ => 2,
-        };
-        (ternary + self.head.rows * self.head.cols * elem) as u64
+        (ternary + self.head.rows * self.head.row_bytes()) as u64
     }
 }
 
@@ -255,6 +311,8 @@ pub struct State {
     up: Vec<f32>,
     scores: Vec<Mutex<Vec<f32>>>,
     qact: Vec<i8>,
+    /// Row stride of `qact` as last quantized: the `act_len` of the consuming matrices.
+    qstride: usize,
     qrows: Vec<QuantRow>,
     qsums: Vec<i32>,
     acc: Vec<i32>,
@@ -278,7 +336,9 @@ impl State {
         );
         let b = PREFILL_CHUNK;
         let widest = h.max(attn).max(inter);
-        let padded = widest.div_ceil(128) * 128;
+        // Room for a TQ2 (128-column) or TQ1 (160-column, then to 128) padded row.
+        let padded = widest.div_ceil(160) * 160;
+        let padded = padded.div_ceil(128) * 128;
         let layers = c.num_hidden_layers as usize;
         let rows = attn.max(kv).max(inter).max(h);
         // Zeroed allocations are lazily backed: the cache costs memory as it fills.
@@ -301,6 +361,7 @@ impl State {
                 .map(|_| Mutex::new(vec![0.0; ctx]))
                 .collect(),
             qact: vec![0; b * padded],
+            qstride: 0,
             qrows: vec![QuantRow { scale: 0.0, sum: 0 }; b],
             qsums: vec![0; b],
             acc: vec![0; b * rows],
@@ -391,9 +452,10 @@ fn par_rows<T: Send>(
 }
 
 impl State {
-    /// Quantizes `n` rows of `width` activations from `src` into `self.qact`.
-    fn quantize(&mut self, src: &[f32], n: usize, width: usize) {
-        let padded = width.div_ceil(128) * 128;
+    /// Quantizes `n` rows of `width` activations from `src` into `self.qact`, rows padded
+    /// with zeros to `padded` (the consumer's [`Ternary::act_stride`]).
+    fn quantize(&mut self, src: &[f32], n: usize, width: usize, padded: usize) {
+        self.qstride = padded;
         for t in 0..n {
             let row = self.kernels.quantize_row(
                 &src[t * width..(t + 1) * width],
@@ -404,18 +466,54 @@ impl State {
         }
     }
 
-    fn probe(&self, probe: &mut dyn Probe, layer: usize, site: Site, n: usize, width: usize) {
-        let padded = width.div_ceil(128) * 128;
+    fn probe(&self, probe: &mut dyn Probe, layer: usize, site: Site, n: usize) {
+        let padded = self.qstride;
         probe.activations(layer, site, &self.qact[..n * padded], padded);
     }
 
-    /// `out[t, r] = scale · (Σ trit · q) / s_t` for the `n` rows quantized last.
-    fn bitlinear(&mut self, pool: &Pool, w: &Ternary, n: usize, out: &mut [f32]) {
+    /// `out[t, r] = scale · (Σ trit · q) / s_t` for the `n` rows of `src` (`width` wide)
+    /// quantized last. If the last quantization was padded for another layout (a file that
+    /// mixes TQ2 and TQ1 in one group), `src` is quantized again: same values, new padding.
+    #[allow(clippy::too_many_arguments)]
+    fn bitlinear(
+        &mut self,
+        pool: &Pool,
+        w: &Ternary,
+        n: usize,
+        out: &mut [f32],
+        src: &[f32],
+        width: usize,
+    ) {
+        let padded = w.act_stride();
+        if self.qstride != padded {
+            self.quantize(src, n, width, padded);
+        }
         let kernels = self.kernels;
-        let padded = w.blocks * 128;
         let (qact, qsums) = (&self.qact[..n * padded], &self.qsums[..n]);
-        let row_bytes = w.blocks * 32;
-        if n == 1 {
+        let act_len = w.act_len();
+        let row_bytes = w.row_bytes();
+        if w.layout == Layout::Tq1 {
+            // TQ1 has no GEMM kernel: prefill runs one GEMV per token.
+            for t in 0..n {
+                let qt = &qact[t * padded..t * padded + act_len];
+                par_rows(
+                    pool,
+                    &mut self.acc[t * w.rows..],
+                    w.rows,
+                    1,
+                    4,
+                    |_, r, acc| {
+                        kernels.tq1_gemv(
+                            &w.data[r.start * row_bytes..r.end * row_bytes],
+                            w.blocks,
+                            qt,
+                            qsums[t],
+                            acc,
+                        );
+                    },
+                );
+            }
+        } else if n == 1 {
             par_rows(pool, &mut self.acc, w.rows, 1, 4, |_, r, acc| {
                 kernels.tq2_gemv(
                     &w.data[r.start * row_bytes..r.end * row_bytes],
@@ -490,12 +588,16 @@ impl Model<'_> {
                 needed: state.pos + tokens.len(),
             });
         }
+        if want == Logits::All && state.logits.len() < tokens.len() * vocab {
+            // Verification and evaluation only: decode never takes this path.
+            state.logits.resize(tokens.len() * vocab, 0.0);
+        }
         for (i, chunk) in tokens.chunks(state.max_batch).enumerate() {
             let last = (i + 1) * state.max_batch >= tokens.len();
-            let want = if want == Logits::All || last {
-                Some(want)
-            } else {
-                None
+            let want = match want {
+                Logits::All => Some((want, i * state.max_batch)),
+                Logits::Last if last => Some((want, 0)),
+                Logits::Last => None,
             };
             self.forward_batch(pool, state, chunk, want, probe);
         }
@@ -507,7 +609,7 @@ impl Model<'_> {
         pool: &Pool,
         st: &mut State,
         tokens: &[u32],
-        want: Option<Logits>,
+        want: Option<(Logits, usize)>,
         probe: &mut dyn Probe,
     ) {
         let c = &self.config;
@@ -533,16 +635,16 @@ impl Model<'_> {
                 xn[t * h..(t + 1) * h].copy_from_slice(&x[t * h..(t + 1) * h]);
                 rms_norm(&mut xn[t * h..(t + 1) * h], &layer.input_norm, eps);
             }
-            st.quantize(&xn, n, h);
-            st.probe(probe, l, Site::Attention, n, h);
+            st.quantize(&xn, n, h, layer.q.act_stride());
+            st.probe(probe, l, Site::Attention, n);
             let (mut q, mut k, mut v) = (
                 std::mem::take(&mut st.q),
                 std::mem::take(&mut st.k),
                 std::mem::take(&mut st.v),
             );
-            st.bitlinear(pool, &layer.q, n, &mut q);
-            st.bitlinear(pool, &layer.k, n, &mut k);
-            st.bitlinear(pool, &layer.v, n, &mut v);
+            st.bitlinear(pool, &layer.q, n, &mut q, &xn, h);
+            st.bitlinear(pool, &layer.k, n, &mut k, &xn, h);
+            st.bitlinear(pool, &layer.v, n, &mut v, &xn, h);
             for t in 0..n {
                 for head in q[t * attn..(t + 1) * attn].chunks_exact_mut(d) {
                     rope(head, pos0 + t, &self.inv_freq, c.rope_style);
@@ -562,10 +664,10 @@ impl Model<'_> {
                     rms_norm(row, w, eps);
                 }
             }
-            st.quantize(&att_out, n, attn);
-            st.probe(probe, l, Site::AttentionOutput, n, attn);
+            st.quantize(&att_out, n, attn, layer.o.act_stride());
+            st.probe(probe, l, Site::AttentionOutput, n);
+            st.bitlinear(pool, &layer.o, n, &mut xn, &att_out, attn);
             st.att_out = att_out;
-            st.bitlinear(pool, &layer.o, n, &mut xn);
             for (xv, o) in x[..n * h].iter_mut().zip(&xn[..n * h]) {
                 *xv += o;
             }
@@ -575,11 +677,11 @@ impl Model<'_> {
                 xn[t * h..(t + 1) * h].copy_from_slice(&x[t * h..(t + 1) * h]);
                 rms_norm(&mut xn[t * h..(t + 1) * h], &layer.post_attn_norm, eps);
             }
-            st.quantize(&xn, n, h);
-            st.probe(probe, l, Site::Mlp, n, h);
+            st.quantize(&xn, n, h, layer.gate.act_stride());
+            st.probe(probe, l, Site::Mlp, n);
             let (mut gate, mut up) = (std::mem::take(&mut st.gate), std::mem::take(&mut st.up));
-            st.bitlinear(pool, &layer.gate, n, &mut gate);
-            st.bitlinear(pool, &layer.up, n, &mut up);
+            st.bitlinear(pool, &layer.gate, n, &mut gate, &xn, h);
+            st.bitlinear(pool, &layer.up, n, &mut up, &xn, h);
             for (g, u) in gate[..n * inter].iter_mut().zip(&up[..n * inter]) {
                 let a = match c.activation {
                     Activation::Relu2 => {
@@ -595,10 +697,10 @@ impl Model<'_> {
                     rms_norm(row, w, eps);
                 }
             }
-            st.quantize(&gate, n, inter);
-            st.probe(probe, l, Site::MlpOutput, n, inter);
+            st.quantize(&gate, n, inter, layer.down.act_stride());
+            st.probe(probe, l, Site::MlpOutput, n);
+            st.bitlinear(pool, &layer.down, n, &mut xn, &gate, inter);
             (st.gate, st.up) = (gate, up);
-            st.bitlinear(pool, &layer.down, n, &mut xn);
             for (xv, o) in x[..n * h].iter_mut().zip(&xn[..n * h]) {
                 *xv += o;
             }
@@ -610,13 +712,15 @@ impl Model<'_> {
         probe.hidden(self.layers.len(), &x[..n * h]);
         st.pos += n;
 
-        let rows: Vec<usize> = match want {
-            None => vec![],
-            Some(Logits::Last) => vec![n - 1],
-            Some(Logits::All) => (0..n).collect(),
+        // Which rows get logits, and where they go in `st.logits` (in rows).
+        let (rows, first): (Vec<usize>, usize) = match want {
+            None => (vec![], 0),
+            Some((Logits::Last, at)) => (vec![n - 1], at),
+            Some((Logits::All, at)) => ((0..n).collect(), at),
         };
         let vocab = self.head.rows;
         for (i, &t) in rows.iter().enumerate() {
+            let i = first + i;
             let xr = &x[t * h..(t + 1) * h];
             let kernels = st.kernels;
             par_rows(

@@ -5,7 +5,7 @@
 //! shares no arithmetic with the fast path (kernels, batching, threads), so comparing the
 //! two (`tern verify`) tests the kernels and the model code at once. It is slow by design.
 
-use tern_format::{tq2, Activation, RopeStyle};
+use tern_format::{Activation, RopeStyle};
 
 use crate::model::{DenseMatrix, Model, Ternary};
 
@@ -63,11 +63,12 @@ pub fn quantize(x: &[f32]) -> (Vec<i8>, f32) {
 /// `y = (Σ_c (q_c / s) · t_rc) · scale`: AutoBitLinear's order of operations in f32.
 fn bitlinear(w: &Ternary, q: &[i8], s: f32) -> Vec<f32> {
     let xq: Vec<f32> = q.iter().map(|&v| f32::from(v) / s).collect();
-    let row_bytes = tq2::row_bytes(w.cols as u64) as usize;
+    let row_bytes = w.row_bytes();
     let mut trits = vec![0i8; w.cols];
     (0..w.rows)
         .map(|r| {
-            tq2::unpack_row(&w.data[r * row_bytes..(r + 1) * row_bytes], &mut trits)
+            w.layout
+                .unpack_ternary_row(&w.data[r * row_bytes..(r + 1) * row_bytes], &mut trits)
                 .expect("trits were validated");
             let dot: f32 = xq.iter().zip(&trits).map(|(x, &t)| x * f32::from(t)).sum();
             dot * w.scale

@@ -19,6 +19,13 @@ pub struct Args {
     /// llama-bitlinear, 1bitllm
     #[arg(long)]
     family: Option<String>,
+    /// Ternary layout: tq2 (2 bits/weight, fastest kernels) or tq1 (1.6 bits/weight)
+    #[arg(long, default_value = "tq2")]
+    layout: String,
+    /// Embeddings and head: exact (the source's floats) or q8 (int8 + f32 scale per row,
+    /// lossy; `tern verify --reference` shows the cost)
+    #[arg(long, default_value = "exact")]
+    head: String,
     /// Treat warnings (all −1 or all-zero tensors, assumed config defaults) as errors
     #[arg(long)]
     strict: bool,
@@ -44,8 +51,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
             ),
         },
     };
+    let (ternary, head) = super::compact_options(&args.layout, &args.head)?;
     let source = hub::resolve(&args.source, args.revision.as_deref())?;
     let options = Options {
+        ternary,
+        head,
         family,
         strict: args.strict,
         force: args.force,

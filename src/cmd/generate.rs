@@ -90,6 +90,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
             write!(stdout, "{rest}")?;
         }
         writeln!(stdout)?;
+        if gen.stop == tern_infer::generate::StopReason::Context {
+            eprintln!(
+                "stopped: the context of {} tokens is full (raise --ctx)",
+                state.ctx
+            );
+        }
         eprintln!(
             "prompt: {} tokens, {:.1} tok/s; decode: {} tokens, {:.1} tok/s ({}, {} threads)",
             gen.prompt_tokens,

@@ -44,9 +44,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
     }
     let bits_per_trit = ternary.bytes as f64 * 8.0 / ternary.values.max(1) as f64;
 
+    let mut check_seconds = 0.0;
     let (damaged, trit_error) = if args.check {
+        let start = std::time::Instant::now();
         let damaged =
             file.verify_checksums(std::thread::available_parallelism().map_or(1, |n| n.get()));
+        check_seconds = start.elapsed().as_secs_f64();
         let trits = if damaged.is_empty() {
             file.verify_trits().err()
         } else {
@@ -90,6 +93,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
             "tensors": tensors,
             "check": damaged.as_ref().map(|d| json!({
                 "ok": ok,
+                "checksum_seconds": check_seconds,
+                "checksum_gb_per_s": file.len() as f64 / check_seconds.max(1e-9) / 1e9,
                 "damaged": d.iter().map(|m| json!({"name": m.name, "stored": format!("{:016x}", m.stored), "computed": format!("{:016x}", m.computed)})).collect::<Vec<_>>(),
                 "invalid_trits": trit_error.as_ref().map(|e| e.to_string()),
             })),
@@ -142,9 +147,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
             ternary.values
         );
         println!(
-            "  embed/head {:>4} tensors {:>12}",
+            "  embed/head {:>4} tensors {:>12}  {:.2} bits/value",
             embed.tensors,
-            super::human_bytes(embed.bytes)
+            super::human_bytes(embed.bytes),
+            embed.bytes as f64 * 8.0 / embed.values.max(1) as f64
         );
         println!(
             "  norms      {:>4} tensors {:>12}",
@@ -171,8 +177,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
         if let Some(d) = &damaged {
             if ok {
                 println!(
-                    "check: all {} checksums and all ternary codes are valid",
-                    file.tensors().len()
+                    "check: all {} checksums and all ternary codes are valid (checksums at {:.1} GB/s)",
+                    file.tensors().len(),
+                    file.len() as f64 / check_seconds.max(1e-9) / 1e9
                 );
             } else {
                 for m in d {

@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod chat;
 pub mod convert;
+pub mod eval;
 pub mod generate;
 pub mod inspect;
 pub mod run;
@@ -60,4 +61,23 @@ pub fn human_bytes(n: u64) -> String {
     } else {
         format!("{v:.2} {}", UNITS[unit])
     }
+}
+
+/// Parses `--layout` (tq2, tq1) and `--head` (exact, q8).
+pub fn compact_options(
+    layout: &str,
+    head: &str,
+) -> anyhow::Result<(tern_convert::TernaryFormat, tern_convert::HeadFormat)> {
+    use tern_convert::{HeadFormat, TernaryFormat};
+    let ternary = match layout.to_ascii_lowercase().as_str() {
+        "tq2" => TernaryFormat::Tq2,
+        "tq1" => TernaryFormat::Tq1,
+        other => anyhow::bail!("--layout {other:?}: tq2 or tq1"),
+    };
+    let head = match head.to_ascii_lowercase().as_str() {
+        "exact" => HeadFormat::Exact,
+        "q8" => HeadFormat::Q8,
+        other => anyhow::bail!("--head {other:?}: exact or q8"),
+    };
+    Ok((ternary, head))
 }

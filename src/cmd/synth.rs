@@ -2,7 +2,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use tern_convert::synth::{synth_hf, synth_tern, HfFlavour, Preset};
+use tern_convert::synth::{synth_hf, synth_tern_with, HfFlavour, Preset};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -15,6 +15,12 @@ pub struct Args {
     /// Write a Hugging Face checkpoint instead (packed or bf16), to benchmark `tern convert`
     #[arg(long)]
     hf: Option<String>,
+    /// Ternary layout of a .tern output: tq2 or tq1
+    #[arg(long, default_value = "tq2")]
+    layout: String,
+    /// Embeddings and head of a .tern output: exact (bf16) or q8
+    #[arg(long, default_value = "exact")]
+    head: String,
     /// Random seed
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -47,7 +53,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
         bar.set_position(done);
     };
     match args.hf.as_deref() {
-        None => synth_tern(preset, &args.output, args.seed, &progress)?,
+        None => {
+            let (ternary, head) = super::compact_options(&args.layout, &args.head)?;
+            synth_tern_with(preset, &args.output, args.seed, ternary, head, &progress)?
+        }
         Some(kind) => {
             let flavour = match kind {
                 "packed" => HfFlavour::Packed,

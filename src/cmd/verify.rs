@@ -193,6 +193,24 @@ pub fn run(args: Args) -> Result<ExitCode> {
                     m.tensor, m.index, m.expected, m.found
                 );
             }
+            for q in &c.quantized {
+                println!(
+                    "  {} is Q8_ROW (--head q8), lossy by design: max |error| {:.3e} (max |value| {:.3e}), rms {:.3e}",
+                    q.tensor, q.max_abs_error, q.max_abs_value, q.rms_error
+                );
+            }
+        }
+        let q8_head = file
+            .tensors()
+            .iter()
+            .any(|t| t.layout == Some(tern_format::Layout::Q8Row));
+        if q8_head {
+            println!(
+                "\ncompact head: the embeddings/head are Q8_ROW (int8 + one f32 scale per row), \
+                 not the source's floats. Kernel parity compares two forwards that share that \
+                 head, so it does not show the cost; the --reference figures (top-1, KL against \
+                 transformers) do."
+            );
         }
         for p in kernel.iter().chain(&reference) {
             print_parity(p);

@@ -14,6 +14,14 @@
 //! TQ2 layout (`docs/format.md` §6.1): a row of `cols` trits is `nb = ceil(cols/128)` blocks
 //! of 32 bytes; byte `j` of block `b` holds the codes `t + 1` of columns `128b + j + 32i` in
 //! bits `[2i+1 : 2i]`, `i = 0..4`; padding columns hold code 1 (trit 0).
+//!
+//! TQ1 layout (§6.3): `ceil(cols/160)` blocks of 32 bytes; byte `j` holds columns
+//! `160b + j + 32i`, `i = 0..5`, as base-3 digits `d_i = t + 1`, extracted with
+//! `d_i = ((byte · 3^i) mod 256) · 3 >> 8`. TQ1 has scalar and AVX2 kernels (AVX-512 uses
+//! the AVX2 one, NEON the scalar one) and no GEMM: prefill runs one GEMV per token.
+//!
+//! Q8_ROW (§6.4): per row `[f32 scale][cols × i8][pad to 4]`; `q8_gemv` widens the int8
+//! to f32 and accumulates in f32 like the dense kernels (tested with a tolerance).
 
 use std::fmt;
 use std::sync::OnceLock;
@@ -40,6 +48,11 @@ pub use scalar::{tq2_pack_row, tq2_row_bytes, tq2_unpack_row};
 pub const TQ2_BLOCK_COLS: usize = 128;
 /// Bytes per TQ2 block.
 pub const TQ2_BLOCK_BYTES: usize = 32;
+
+/// Columns per TQ1 block.
+pub const TQ1_BLOCK_COLS: usize = 160;
+/// Bytes per TQ1 block.
+pub const TQ1_BLOCK_BYTES: usize = 32;
 
 /// Result of quantizing one activation row (see [`Kernels::quantize_row`]).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -141,6 +154,7 @@ pub enum KernelError {
 type QuantFn = unsafe fn(&[f32], &mut [i8]) -> QuantRow;
 type Tq2GemvFn = unsafe fn(&[u8], usize, &[i8], i32, &mut [i32]);
 type Tq2GemmFn = unsafe fn(&[u8], usize, usize, &[i8], &[i32], usize, &mut [i32]);
+type Q8GemvFn = unsafe fn(&[u8], usize, &[f32], &mut [f32]);
 type DenseU16Fn = unsafe fn(&[u16], usize, &[f32], &mut [f32]);
 type DenseF32Fn = unsafe fn(&[f32], usize, &[f32], &mut [f32]);
 
@@ -154,6 +168,8 @@ pub struct Kernels {
     quantize: QuantFn,
     tq2_gemv: Tq2GemvFn,
     tq2_gemm: Tq2GemmFn,
+    tq1_gemv: Tq2GemvFn,
+    q8_gemv: Q8GemvFn,
     bf16_gemv: DenseU16Fn,
     f16_gemv: DenseU16Fn,
     f32_gemv: DenseF32Fn,
@@ -231,6 +247,8 @@ impl Kernels {
                 quantize: scalar::quantize_row,
                 tq2_gemv: scalar::tq2_gemv,
                 tq2_gemm: scalar::tq2_gemm,
+                tq1_gemv: scalar::tq1_gemv,
+                q8_gemv: scalar::q8_gemv,
                 bf16_gemv: scalar::bf16_gemv,
                 f16_gemv: scalar::f16_gemv,
                 f32_gemv: scalar::f32_gemv,
@@ -244,6 +262,8 @@ impl Kernels {
                     quantize: avx2::quantize_row,
                     tq2_gemv: avx2::tq2_gemv,
                     tq2_gemm: avx2::tq2_gemm,
+                    tq1_gemv: avx2::tq1_gemv,
+                    q8_gemv: avx2::q8_gemv,
                     bf16_gemv: avx2::bf16_gemv,
                     f16_gemv: avx2::f16_gemv,
                     f32_gemv: avx2::f32_gemv,
@@ -252,12 +272,16 @@ impl Kernels {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => {
                 use x86_64::avx512::{plain, vnni};
+                // TQ1 and Q8_ROW run the AVX2 kernels: AVX-512 availability implies AVX2's.
+                use x86_64::avx2;
                 let dense = |variant, tq2_gemv, tq2_gemm| Kernels {
                     isa,
                     variant,
                     quantize: plain::quantize_row,
                     tq2_gemv,
                     tq2_gemm,
+                    tq1_gemv: avx2::tq1_gemv,
+                    q8_gemv: avx2::q8_gemv,
                     bf16_gemv: plain::bf16_gemv,
                     f16_gemv: plain::f16_gemv,
                     f32_gemv: plain::f32_gemv,
@@ -284,6 +308,8 @@ impl Kernels {
                     quantize: neon::quantize_row,
                     tq2_gemv,
                     tq2_gemm,
+                    tq1_gemv: scalar::tq1_gemv,
+                    q8_gemv: scalar::q8_gemv,
                     bf16_gemv: neon::bf16_gemv,
                     f16_gemv: neon::f16_gemv,
                     f32_gemv: neon::f32_gemv,
@@ -364,6 +390,29 @@ impl Kernels {
         );
         // SAFETY: CPU features detected at construction; lengths checked above.
         unsafe { (self.tq2_gemm)(w, nb, rows, q, q_sums, n, out) }
+    }
+
+    /// Exact integer dot products of TQ1 rows with one quantized activation row:
+    /// `out[r] = Σ_c t(r, c) · q[c]`. `w` holds `out.len()` rows of `nb · 32` bytes,
+    /// `q.len() == nb · 160` (zero beyond the real columns) and `q_sum == Σ q`. Bytes that
+    /// are no valid encoding give the same (meaningless) result on every ISA.
+    pub fn tq1_gemv(&self, w: &[u8], nb: usize, q: &[i8], q_sum: i32, out: &mut [i32]) {
+        check_tq1_gemv(w, nb, q, out);
+        debug_assert_eq!(
+            q_sum,
+            q.iter().map(|&v| v as i32).sum::<i32>(),
+            "q_sum != Σ q"
+        );
+        // SAFETY: CPU features detected at construction; lengths checked above.
+        unsafe { (self.tq1_gemv)(w, nb, q, q_sum, out) }
+    }
+
+    /// Q8_ROW rows times an f32 vector: `out[r] = scale_r · Σ_c q[r, c] · x[c]`, f32
+    /// accumulation. `w` holds `out.len()` records of `4 + ceil(cols/4)·4` bytes.
+    pub fn q8_gemv(&self, w: &[u8], cols: usize, x: &[f32], out: &mut [f32]) {
+        check_q8_gemv(w, cols, x, out);
+        // SAFETY: CPU features detected at construction; lengths checked above.
+        unsafe { (self.q8_gemv)(w, cols, x, out) }
     }
 
     /// Dense bf16 rows (raw `u16` bits) times an f32 vector, f32 accumulation:
@@ -450,6 +499,37 @@ pub(crate) fn check_tq2_gemm(
         Some(out.len()),
         n.checked_mul(rows),
         "tq2_gemm: out.len() != n * rows"
+    );
+}
+
+#[inline]
+#[track_caller]
+pub(crate) fn check_tq1_gemv(w: &[u8], nb: usize, q: &[i8], out: &[i32]) {
+    assert_eq!(
+        q.len(),
+        nb * TQ1_BLOCK_COLS,
+        "tq1_gemv: q.len() != nb * 160"
+    );
+    assert_eq!(
+        Some(w.len()),
+        out.len().checked_mul(nb * TQ1_BLOCK_BYTES),
+        "tq1_gemv: w.len() != out.len() * nb * 32"
+    );
+}
+
+/// Bytes of one Q8_ROW record of `cols` columns.
+pub fn q8_row_stride(cols: usize) -> usize {
+    4 + cols.div_ceil(4) * 4
+}
+
+#[inline]
+#[track_caller]
+pub(crate) fn check_q8_gemv(w: &[u8], cols: usize, x: &[f32], out: &[f32]) {
+    assert_eq!(x.len(), cols, "q8_gemv: x.len() != cols");
+    assert_eq!(
+        Some(w.len()),
+        out.len().checked_mul(q8_row_stride(cols)),
+        "q8_gemv: w.len() != out.len() * row stride"
     );
 }
 

@@ -6,8 +6,8 @@
 //! a reader rejects when verifying) gives the same result on every ISA, as if `t = 2`.
 
 use super::{
-    check_dense, check_quantize, check_tq2_gemm, check_tq2_gemv, QuantRow, TQ2_BLOCK_BYTES,
-    TQ2_BLOCK_COLS,
+    check_dense, check_q8_gemv, check_quantize, check_tq1_gemv, check_tq2_gemm, check_tq2_gemv,
+    q8_row_stride, QuantRow, TQ1_BLOCK_BYTES, TQ1_BLOCK_COLS, TQ2_BLOCK_BYTES, TQ2_BLOCK_COLS,
 };
 
 /// Bytes of one TQ2 row of `cols` columns: `ceil(cols / 128) · 32`.
@@ -146,6 +146,49 @@ pub fn tq2_gemm(
         {
             *o = tq2_dot_codes(row, qt) - q_sums[t];
         }
+    }
+}
+
+/// `Σ digit·q` over one TQ1 row (`nb` blocks) and one activation row. Digit `i` of a byte
+/// is `(m_i · 3) >> 8` with `m_0 = byte`, `m_{i+1} = 3·m_i mod 256` (format.md §6.3).
+#[inline]
+fn tq1_dot_digits(row: &[u8], q: &[i8]) -> i32 {
+    let mut acc = 0i32;
+    for (blk, qb) in row
+        .chunks_exact(TQ1_BLOCK_BYTES)
+        .zip(q.chunks_exact(TQ1_BLOCK_COLS))
+    {
+        for (j, &byte) in blk.iter().enumerate() {
+            let mut m = byte;
+            for i in 0..5 {
+                let digit = ((m as u16 * 3) >> 8) as i32;
+                acc += digit * qb[j + 32 * i] as i32;
+                m = m.wrapping_mul(3);
+            }
+        }
+    }
+    acc
+}
+
+/// Reference [`super::Kernels::tq1_gemv`]: `Σ digit·q − Σ q`.
+pub fn tq1_gemv(w: &[u8], nb: usize, q: &[i8], q_sum: i32, out: &mut [i32]) {
+    check_tq1_gemv(w, nb, q, out);
+    if nb == 0 {
+        out.fill(0);
+        return;
+    }
+    for (o, row) in out.iter_mut().zip(w.chunks_exact(nb * TQ1_BLOCK_BYTES)) {
+        *o = tq1_dot_digits(row, q) - q_sum;
+    }
+}
+
+/// Reference [`super::Kernels::q8_gemv`]: eight interleaved f32 partial sums of `q · x`
+/// (like the dense kernels), times the row scale.
+pub fn q8_gemv(w: &[u8], cols: usize, x: &[f32], out: &mut [f32]) {
+    check_q8_gemv(w, cols, x, out);
+    for (o, rec) in out.iter_mut().zip(w.chunks_exact(q8_row_stride(cols))) {
+        let scale = f32::from_le_bytes([rec[0], rec[1], rec[2], rec[3]]);
+        *o = scale * dense_dot(&rec[4..4 + cols], x, |b: u8| f32::from(b as i8));
     }
 }
 

@@ -633,3 +633,135 @@ fn isa_names_parse_and_select() {
     let best = Kernels::best();
     println!("best kernels: {best:?}");
 }
+
+// ---- TQ1 -----------------------------------------------------------------------------------
+
+/// TQ1 rows of random (or all ±1) trits, and the trits.
+fn make_tq1(rng: &mut Rng, rows: usize, cols: usize, fill: i8) -> (Vec<u8>, Vec<i8>) {
+    let rb = tern_format::tq1::row_bytes(cols as u64) as usize;
+    let trits: Vec<i8> = (0..rows * cols)
+        .map(|_| if fill == 0 { rng.trit() } else { fill })
+        .collect();
+    let mut w = vec![0u8; rows * rb];
+    for (r, dst) in w.chunks_exact_mut(rb).enumerate() {
+        tern_format::tq1::pack_row(&trits[r * cols..(r + 1) * cols], dst);
+    }
+    (w, trits)
+}
+
+#[test]
+fn tq1_gemv_all_isas_match_scalar_and_naive() {
+    let ks = variants();
+    let mut rng = Rng::new(17);
+    let shapes = [
+        (1, 1),
+        (3, 31),
+        (4, 160),
+        (5, 161),
+        (7, 320),
+        (9, 1000),
+        (13, 2560),
+        (6, 6912),
+    ];
+    for (rows, cols) in shapes {
+        let nb = tern_format::tq1::blocks(cols as u64) as usize;
+        // Random trits and activations, then the extremes: all +1 / all −1 weights with
+        // all −128 / all 127 activations (the largest i16 partial sums).
+        let cases: [(i8, Option<i8>); 5] = [
+            (0, None),
+            (1, Some(-128)),
+            (-1, Some(-128)),
+            (1, Some(127)),
+            (-1, Some(127)),
+        ];
+        for (fill, act) in cases {
+            let (w, trits) = make_tq1(&mut rng, rows, cols, fill);
+            let mut q = vec![0i8; nb * TQ1_BLOCK_COLS];
+            for v in &mut q[..cols] {
+                *v = act.unwrap_or_else(|| rng.i8());
+            }
+            let q_sum: i32 = q.iter().map(|&v| v as i32).sum();
+            let want: Vec<i32> = (0..rows)
+                .map(|r| naive_dot(&trits[r * cols..(r + 1) * cols], &q[..cols]) as i32)
+                .collect();
+            for k in &ks {
+                let mut out = vec![0i32; rows];
+                k.tq1_gemv(&w, nb, &q, q_sum, &mut out);
+                assert_eq!(
+                    out,
+                    want,
+                    "{} rows {rows} cols {cols} fill {fill}",
+                    k.variant()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn tq1_gemv_every_byte_value_is_consistent_across_isas() {
+    // All 256 byte values (the 13 invalid ones included) decode identically everywhere.
+    let ks = variants();
+    let mut rng = Rng::new(5);
+    let nb = 8;
+    let rows = 9;
+    let w: Vec<u8> = (0..rows * nb * TQ1_BLOCK_BYTES)
+        .map(|i| (i * 7 % 256) as u8)
+        .collect();
+    let q: Vec<i8> = (0..nb * TQ1_BLOCK_COLS).map(|_| rng.i8()).collect();
+    let q_sum: i32 = q.iter().map(|&v| v as i32).sum();
+    let mut want = vec![0i32; rows];
+    scalar_kernels().tq1_gemv(&w, nb, &q, q_sum, &mut want);
+    // The scalar kernel is the digit formula of the spec, column by column.
+    for (r, &got) in want.iter().enumerate() {
+        let mut acc = 0i32;
+        for (c, &qc) in q.iter().enumerate() {
+            let (byte, i) = tern_format::tq1::position(c);
+            let d = tern_format::tq1::digit(w[r * nb * 32 + byte], i) as i32;
+            acc += (d - 1) * qc as i32;
+        }
+        assert_eq!(got, acc);
+    }
+    for k in &ks {
+        let mut out = vec![0i32; rows];
+        k.tq1_gemv(&w, nb, &q, q_sum, &mut out);
+        assert_eq!(out, want, "{}", k.variant());
+    }
+}
+
+// ---- Q8_ROW --------------------------------------------------------------------------------
+
+#[test]
+fn q8_gemv_all_isas_close_to_exact() {
+    let ks = variants();
+    let mut rng = Rng::new(32);
+    for (rows, cols) in [(1, 1), (3, 7), (5, 8), (4, 33), (9, 100), (17, 2560)] {
+        let stride = q8_row_stride(cols);
+        let wf: Vec<f32> = (0..rows * cols).map(|_| rng.unit()).collect();
+        let x: Vec<f32> = (0..cols).map(|_| 4.0 * rng.unit()).collect();
+        let mut w = vec![0xAAu8; rows * stride];
+        for (r, rec) in w.chunks_exact_mut(stride).enumerate() {
+            tern_format::q8row::quantize_row(&wf[r * cols..(r + 1) * cols], rec);
+        }
+        for k in &ks {
+            let mut out = vec![0.0f32; rows];
+            k.q8_gemv(&w, cols, &x, &mut out);
+            for (r, &got) in out.iter().enumerate() {
+                let rec = &w[r * stride..(r + 1) * stride];
+                let mut deq = vec![0.0f32; cols];
+                tern_format::q8row::dequantize_row(rec, &mut deq);
+                let exact: f64 = deq.iter().zip(&x).map(|(&a, &b)| a as f64 * b as f64).sum();
+                let mag: f64 = deq
+                    .iter()
+                    .zip(&x)
+                    .map(|(&a, &b)| (a * b).abs() as f64)
+                    .sum();
+                assert!(
+                    (got as f64 - exact).abs() <= 1e-5 * mag + 1e-30,
+                    "{} rows {rows} cols {cols} row {r}: {got} vs {exact}",
+                    k.variant()
+                );
+            }
+        }
+    }
+}

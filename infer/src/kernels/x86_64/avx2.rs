@@ -11,7 +11,8 @@
 use std::arch::x86_64::*;
 
 use crate::kernels::{
-    check_dense, check_quantize, check_tq2_gemm, check_tq2_gemv, gemm_chunk_rows, scalar, QuantRow,
+    check_dense, check_q8_gemv, check_quantize, check_tq1_gemv, check_tq2_gemm, check_tq2_gemv,
+    gemm_chunk_rows, q8_row_stride, scalar, QuantRow, TQ1_BLOCK_BYTES, TQ1_BLOCK_COLS,
     TQ2_BLOCK_BYTES as BB, TQ2_BLOCK_COLS as BC,
 };
 
@@ -505,3 +506,186 @@ macro_rules! dense_gemv {
 dense_gemv!(bf16_gemv, bf16_rows, u16, load8_bf16, scalar::bf16_to_f32);
 dense_gemv!(f16_gemv, f16_rows, u16, load8_f16, scalar::f16_to_f32);
 dense_gemv!(f32_gemv, f32_rows, f32, load8_f32, |v: f32| v);
+
+// ---- TQ1 ---------------------------------------------------------------------------------
+//
+// A 32-byte block holds 160 columns: digit i of byte j is column j + 32i. With
+// m_0 = byte and m_{i+1} = 3·m_i mod 256 (two byte adds), digit i = floor(3·m_i / 256),
+// i.e. (m_i ≥ 86) + (m_i ≥ 171). AVX2 has only signed byte compares, so the kernel keeps
+// s_i = m_i − 128 (= m_i XOR 0x80); that offset survives the multiply (3·128 ≡ 128 mod 256),
+// so s_{i+1} = 3·s_i too, and the digit is (s_i > −43) + (s_i > 42). Each digit vector
+// is 32 consecutive columns: `vpmaddubsw` with 32 activations as for TQ2 (|pair| ≤ 512,
+// five per block: |block| ≤ 2560, so FLUSH = 8 blocks stay below 32768 in i16).
+
+/// The five digit vectors (values 0..=2) of the block at `w`.
+///
+/// # Safety
+/// `w` readable for 32 bytes; AVX2 available.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn unpack_tq1(w: *const u8) -> [__m256i; 5] {
+    // SAFETY: the caller guarantees 32 readable bytes at `w`.
+    let v = unsafe { _mm256_loadu_si256(w as *const __m256i) };
+    let (lo, hi) = (_mm256_set1_epi8(-43), _mm256_set1_epi8(42));
+    let mut s = _mm256_xor_si256(v, _mm256_set1_epi8(-128));
+    let mut d = [_mm256_setzero_si256(); 5];
+    for (i, di) in d.iter_mut().enumerate() {
+        if i > 0 {
+            s = _mm256_add_epi8(_mm256_add_epi8(s, s), s);
+        }
+        // Each compare is 0 or −1: their sum is −digit.
+        let neg = _mm256_add_epi8(_mm256_cmpgt_epi8(s, lo), _mm256_cmpgt_epi8(s, hi));
+        *di = _mm256_sub_epi8(_mm256_setzero_si256(), neg);
+    }
+    d
+}
+
+/// `Σ digit·q` of `R ≤ 4` consecutive TQ1 rows (at `w`, `nb` blocks each) with one
+/// activation row `q`; lanes `R..4` are 0.
+///
+/// # Safety
+/// `w` readable for `R · nb · 32` bytes, `q` for `nb · 160`; AVX2 available.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn tq1_rows<const R: usize>(w: *const u8, nb: usize, q: *const i8) -> __m128i {
+    let rb = nb * TQ1_BLOCK_BYTES;
+    let mut acc = [_mm256_setzero_si256(); 4];
+    let pf = w.wrapping_add(4 * rb); // the next row group, as in `gemv_rows`
+    let mut b0 = 0;
+    while b0 < nb {
+        let b1 = (b0 + FLUSH).min(nb);
+        let mut acc16 = [_mm256_setzero_si256(); 4];
+        for b in b0..b1 {
+            _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(b * 128) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(b * 128 + 64) as *const i8);
+            let qb = q.wrapping_add(b * TQ1_BLOCK_COLS);
+            // SAFETY: b < nb: the block's 160 activations are in bounds.
+            let qv: [__m256i; 5] = std::array::from_fn(|i| unsafe {
+                _mm256_loadu_si256(qb.add(32 * i) as *const __m256i)
+            });
+            for (r, a) in acc16.iter_mut().enumerate().take(R) {
+                // SAFETY: r < R and b < nb: the block lies inside the R rows at `w`.
+                let d = unsafe { unpack_tq1(w.add(r * rb + b * TQ1_BLOCK_BYTES)) };
+                let p01 = _mm256_add_epi16(
+                    _mm256_maddubs_epi16(d[0], qv[0]),
+                    _mm256_maddubs_epi16(d[1], qv[1]),
+                );
+                let p23 = _mm256_add_epi16(
+                    _mm256_maddubs_epi16(d[2], qv[2]),
+                    _mm256_maddubs_epi16(d[3], qv[3]),
+                );
+                let p = _mm256_add_epi16(
+                    _mm256_add_epi16(p01, p23),
+                    _mm256_maddubs_epi16(d[4], qv[4]),
+                );
+                *a = _mm256_add_epi16(*a, p);
+            }
+        }
+        for (a, a16) in acc.iter_mut().zip(acc16).take(R) {
+            *a = widen_add(*a, a16);
+        }
+        b0 = b1;
+    }
+    hsum4_epi32(acc[0], acc[1], acc[2], acc[3])
+}
+
+/// AVX2 [`crate::kernels::Kernels::tq1_gemv`].
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn tq1_gemv(w: &[u8], nb: usize, q: &[i8], q_sum: i32, out: &mut [i32]) {
+    check_tq1_gemv(w, nb, q, out);
+    let rows = out.len();
+    let rb = nb * TQ1_BLOCK_BYTES;
+    let (wp, qp) = (w.as_ptr(), q.as_ptr());
+    let bias = _mm_set1_epi32(q_sum);
+    let mut r = 0;
+    while r + 4 <= rows {
+        // SAFETY: rows r..r+4 exist (w.len() == rows · rb checked), q has nb · 160 bytes.
+        let v = _mm_sub_epi32(unsafe { tq1_rows::<4>(wp.add(r * rb), nb, qp) }, bias);
+        // SAFETY: r + 4 <= out.len().
+        unsafe { _mm_storeu_si128(out.as_mut_ptr().add(r) as *mut __m128i, v) };
+        r += 4;
+    }
+    let left = rows - r;
+    if left > 0 {
+        // SAFETY: rows r..r+left exist; q has nb · 160 bytes.
+        let v = unsafe {
+            match left {
+                1 => tq1_rows::<1>(wp.add(r * rb), nb, qp),
+                2 => tq1_rows::<2>(wp.add(r * rb), nb, qp),
+                _ => tq1_rows::<3>(wp.add(r * rb), nb, qp),
+            }
+        };
+        let mut tmp = [0i32; 4];
+        // SAFETY: `tmp` has 4 i32.
+        unsafe { _mm_storeu_si128(tmp.as_mut_ptr() as *mut __m128i, _mm_sub_epi32(v, bias)) };
+        out[r..].copy_from_slice(&tmp[..left]);
+    }
+}
+
+// ---- Q8_ROW ------------------------------------------------------------------------------
+
+/// Eight int8 at `p` widened to f32.
+///
+/// # Safety
+/// `p` readable for 8 bytes; AVX2 available.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn load8_i8(p: *const u8) -> __m256 {
+    // SAFETY: the caller guarantees 8 readable bytes at `p`.
+    let b = unsafe { _mm_loadl_epi64(p as *const __m128i) };
+    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b))
+}
+
+/// AVX2 [`crate::kernels::Kernels::q8_gemv`]: per row, int8 widened to f32 and multiplied
+/// into four f32x8 accumulators (32 columns per step), then times the row scale.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn q8_gemv(w: &[u8], cols: usize, x: &[f32], out: &mut [f32]) {
+    check_q8_gemv(w, cols, x, out);
+    let stride = q8_row_stride(cols);
+    let xp = x.as_ptr();
+    for (o, rec) in out.iter_mut().zip(w.chunks_exact(stride)) {
+        let scale = f32::from_le_bytes([rec[0], rec[1], rec[2], rec[3]]);
+        let qp = rec[4..].as_ptr();
+        let mut a = [_mm256_setzero_ps(); 4];
+        let mut c = 0;
+        while c + 32 <= cols {
+            for (k, ak) in a.iter_mut().enumerate() {
+                // SAFETY: c + 8k + 8 <= cols: inside the record's int8 values and `x`.
+                *ak = unsafe {
+                    _mm256_fmadd_ps(
+                        load8_i8(qp.add(c + 8 * k)),
+                        _mm256_loadu_ps(xp.add(c + 8 * k)),
+                        *ak,
+                    )
+                };
+            }
+            c += 32;
+        }
+        while c + 8 <= cols {
+            // SAFETY: c + 8 <= cols.
+            a[0] =
+                unsafe { _mm256_fmadd_ps(load8_i8(qp.add(c)), _mm256_loadu_ps(xp.add(c)), a[0]) };
+            c += 8;
+        }
+        let s = hsum4_ps(a[0], a[1], a[2], a[3]);
+        let sum = _mm_cvtss_f32(_mm_add_ss(
+            s,
+            _mm_add_ss(
+                _mm_shuffle_ps::<0b01>(s, s),
+                _mm_add_ss(_mm_shuffle_ps::<0b10>(s, s), _mm_shuffle_ps::<0b11>(s, s)),
+            ),
+        ));
+        let tail: f32 = rec[4 + c..4 + cols]
+            .iter()
+            .zip(&x[c..])
+            .map(|(&q, &xv)| f32::from(q as i8) * xv)
+            .sum();
+        *o = scale * (sum + tail);
+    }
+}
