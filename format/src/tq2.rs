@@ -30,7 +30,10 @@ pub fn pack_row(trits: &[i8], out: &mut [u8]) {
     );
     out.fill(0x55); // four code-1 (zero) fields: the padding value
     for (c, &t) in trits.iter().enumerate() {
-        assert!((-1..=1).contains(&t), "trit out of range: {t}");
+        assert!(
+            (-1..=1).contains(&t),
+            "value {t} at column {c} is not a trit"
+        );
         let (byte, shift) = position(c);
         let code = (t + 1) as u8;
         out[byte] = (out[byte] & !(3 << shift)) | (code << shift);

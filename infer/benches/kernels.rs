@@ -7,7 +7,8 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use tern_infer::kernels::{tq2_pack_row, tq2_row_bytes, Isa, Kernels};
+use tern_format::tq2::pack_row as tq2_pack_row;
+use tern_infer::kernels::{Isa, Kernels};
 use tern_infer::pool::{physical_cores, Pool};
 
 struct Rng(u64);
@@ -37,7 +38,7 @@ fn time(reps: usize, inner: usize, mut f: impl FnMut()) -> f64 {
 }
 
 fn tq2_matrix(rng: &mut Rng, rows: usize, cols: usize) -> Vec<u8> {
-    let rb = tq2_row_bytes(cols);
+    let rb = tern_format::tq2::row_bytes(cols as u64) as usize;
     let mut w = vec![0u8; rows * rb];
     let mut trits = vec![0i8; cols];
     for row in w.chunks_exact_mut(rb) {

@@ -42,8 +42,6 @@ mod aarch64 {
 #[cfg(test)]
 mod tests;
 
-pub use scalar::{tq2_pack_row, tq2_row_bytes, tq2_unpack_row};
-
 /// Columns per TQ2 block.
 pub const TQ2_BLOCK_COLS: usize = 128;
 /// Bytes per TQ2 block.

@@ -3,6 +3,19 @@
 //! against naive formulas and the worked example of format.md §6.1.
 
 use super::*;
+use tern_format::tq2::pack_row as tq2_pack_row;
+
+fn tq2_row_bytes_usize(cols: usize) -> usize {
+    tern_format::tq2::row_bytes(cols as u64) as usize
+}
+
+/// Unpacks a TQ2 row, reporting the first code 3 anywhere in it (padding included).
+fn tq2_unpack_row(bytes: &[u8], cols: usize, out: &mut [i8]) -> Result<(), usize> {
+    if let Some(c) = tern_format::tq2::find_invalid(bytes, cols) {
+        return Err(c);
+    }
+    tern_format::tq2::unpack_row(bytes, &mut out[..cols])
+}
 
 /// xorshift64* — small deterministic PRNG, no dependency.
 struct Rng(u64);
@@ -60,7 +73,7 @@ fn scalar_kernels() -> Kernels {
 fn tq2_worked_example_from_format_md() {
     let cols = 130;
     let trits: Vec<i8> = (0..cols).map(|c| (c % 3) as i8 - 1).collect();
-    assert_eq!(tq2_row_bytes(cols), 64);
+    assert_eq!(tq2_row_bytes_usize(cols), 64);
     let mut bytes = vec![0u8; 64];
     tq2_pack_row(&trits, &mut bytes);
     assert_eq!(bytes[0], 0x18);
@@ -80,12 +93,12 @@ fn tq2_worked_example_from_format_md() {
 
 #[test]
 fn tq2_row_bytes_values() {
-    assert_eq!(tq2_row_bytes(0), 0);
-    assert_eq!(tq2_row_bytes(1), 32);
-    assert_eq!(tq2_row_bytes(128), 32);
-    assert_eq!(tq2_row_bytes(129), 64);
-    assert_eq!(tq2_row_bytes(2560), 640);
-    assert_eq!(tq2_row_bytes(6912), 54 * 32);
+    assert_eq!(tq2_row_bytes_usize(0), 0);
+    assert_eq!(tq2_row_bytes_usize(1), 32);
+    assert_eq!(tq2_row_bytes_usize(128), 32);
+    assert_eq!(tq2_row_bytes_usize(129), 64);
+    assert_eq!(tq2_row_bytes_usize(2560), 640);
+    assert_eq!(tq2_row_bytes_usize(6912), 54 * 32);
 }
 
 #[test]
@@ -94,7 +107,7 @@ fn tq2_pack_unpack_roundtrip_and_code3() {
     for _ in 0..200 {
         let cols = rng.range(1, 700);
         let trits: Vec<i8> = (0..cols).map(|_| rng.trit()).collect();
-        let mut bytes = vec![0u8; tq2_row_bytes(cols)];
+        let mut bytes = vec![0u8; tq2_row_bytes_usize(cols)];
         tq2_pack_row(&trits, &mut bytes);
         let mut back = vec![0i8; cols];
         tq2_unpack_row(&bytes, cols, &mut back).unwrap();
@@ -264,7 +277,7 @@ fn make_weights(rng: &mut Rng, rows: usize, cols: usize, fill: TritFill) -> (Vec
             }
         })
         .collect();
-    let rb = tq2_row_bytes(cols);
+    let rb = tq2_row_bytes_usize(cols);
     let mut w = vec![0u8; rows * rb];
     if cols > 0 {
         for (row, out) in trits.chunks_exact(cols).zip(w.chunks_exact_mut(rb)) {
