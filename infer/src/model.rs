@@ -432,21 +432,9 @@ fn par_rows<T: Send>(
     align: usize,
     f: impl Fn(usize, std::ops::Range<usize>, &mut [T]) + Sync,
 ) {
-    let n = pool.threads();
-    let mut chunks: Vec<Mutex<Option<&mut [T]>>> = Vec::with_capacity(n);
-    let mut rest = &mut out[..rows * row_len];
-    for w in 0..n {
-        let r = split_range(rows, align, w, n);
-        let (head, tail) = rest.split_at_mut(r.len() * row_len);
-        chunks.push(Mutex::new(Some(head)));
-        rest = tail;
-    }
-    pool.run(|w, n| {
-        let r = split_range(rows, align, w, n);
-        if let Some(chunk) = chunks[w].lock().expect("no poisoned chunk").take() {
-            if !r.is_empty() {
-                f(w, r, chunk);
-            }
+    pool.run_split(&mut out[..rows * row_len], align * row_len, |w, r, part| {
+        if !r.is_empty() {
+            f(w, r.start / row_len..r.end / row_len, part);
         }
     });
 }

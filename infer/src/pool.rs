@@ -218,13 +218,13 @@ impl Pool {
     }
 
     /// Splits `out` with [`split_range`]`(out.len(), align, worker, n)` and runs
-    /// `f(range, &mut out[range])` on every worker, in parallel: the safe way for workers to
+    /// `f(worker, range, &mut out[range])` on every worker, in parallel: the safe way for workers to
     /// write disjoint parts of one output (e.g. the rows of a GEMV, `align` = 4 rows).
     /// Same panic and nesting behaviour as [`Pool::run`].
     pub fn run_split<T, F>(&self, out: &mut [T], align: usize, f: F)
     where
         T: Send,
-        F: Fn(Range<usize>, &mut [T]) + Sync,
+        F: Fn(usize, Range<usize>, &mut [T]) + Sync,
     {
         let len = out.len();
         let base = SendPtr(out.as_mut_ptr());
@@ -236,7 +236,7 @@ impl Pool {
             // inside `0..len` (split_range), so each slice is a unique borrow of its part.
             // A nested/concurrent `run` runs the workers one after another, still disjoint.
             let part = unsafe { std::slice::from_raw_parts_mut(base.0.add(r.start), r.len()) };
-            f(r, part);
+            f(i, r, part);
         });
     }
 }
@@ -491,7 +491,7 @@ mod tests {
             let pool = Pool::new(threads);
             for len in [0usize, 1, 7, 100, 1001] {
                 let mut out = vec![usize::MAX; len];
-                pool.run_split(&mut out, 4, |r, part| {
+                pool.run_split(&mut out, 4, |_, r, part| {
                     assert_eq!(r.len(), part.len());
                     for (k, v) in r.zip(part.iter_mut()) {
                         *v = k * 3;
