@@ -1,7 +1,7 @@
 //! The compact layouts: `--layout tq1` (1.6-bit trits) holds exactly the TQ2 trits and gives
 //! bit-identical logits; `--head q8` (int8 rows) costs little against transformers.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use tern_format::{Layout, TernFile};
 use tern_infer::kernels::{Isa, Kernels};
@@ -10,21 +10,6 @@ use tern_infer::pool::Pool;
 use tern_infer::reference::NoProbe;
 
 use crate::common::*;
-
-fn convert_with(name: &str, dir: &Path, extra: &[&str], suffix: &str) -> PathBuf {
-    let out = dir.join(format!("{name}-{suffix}.tern"));
-    let src = fixture(name);
-    let mut args = vec![
-        "convert",
-        src.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--quiet",
-    ];
-    args.extend_from_slice(extra);
-    tern_ok(&args);
-    out
-}
 
 /// Every trit of every ternary tensor, row by row, and the scales.
 fn trits(file: &TernFile) -> Vec<(String, f32, Vec<i8>)> {
@@ -71,7 +56,7 @@ fn tq1_holds_the_tq2_trits_and_gives_identical_logits() {
     let dir = tempfile::tempdir().unwrap();
     for name in FIXTURES {
         let tq2 = convert(name, dir.path());
-        let tq1 = convert_with(name, dir.path(), &["--layout", "tq1"], "tq1");
+        let tq1 = convert_with(name, dir.path(), &["--layout", "tq1"], Some("tq1"));
         let (f2, f1) = (TernFile::open(&tq2).unwrap(), TernFile::open(&tq1).unwrap());
         f1.verify_trits().unwrap();
         assert!(f1.tensors().iter().any(|t| t.layout == Some(Layout::Tq1)));
@@ -104,7 +89,7 @@ fn tq1_holds_the_tq2_trits_and_gives_identical_logits() {
 fn tq1_file_verifies_against_its_source() {
     let dir = tempfile::tempdir().unwrap();
     let name = "bitnet-2b4t-h64";
-    let path = convert_with(name, dir.path(), &["--layout", "tq1"], "tq1");
+    let path = convert_with(name, dir.path(), &["--layout", "tq1"], Some("tq1"));
     let src = fixture(name);
     let reference = src.join("reference.safetensors");
     let out = tern_ok(&[
@@ -139,7 +124,7 @@ fn q8_head_costs_little_against_transformers() {
         "llama-bitlinear",
         "1bitllm",
     ] {
-        let path = convert_with(name, dir.path(), &["--head", "q8"], "q8");
+        let path = convert_with(name, dir.path(), &["--head", "q8"], Some("q8"));
         let exact = convert(name, dir.path());
         assert!(std::fs::metadata(&path).unwrap().len() < std::fs::metadata(&exact).unwrap().len());
         let f = TernFile::open(&path).unwrap();

@@ -57,14 +57,25 @@ pub fn tern_fails(args: &[&str], code: i32) -> String {
 
 /// Converts a fixture into `dir` and returns the .tern path.
 pub fn convert(name: &str, dir: &Path) -> PathBuf {
-    let out = dir.join(format!("{name}.tern"));
-    tern_ok(&[
+    convert_with(name, dir, &[], None)
+}
+
+/// Converts a fixture with extra `tern convert` flags into `dir/NAME[-SUFFIX].tern`.
+pub fn convert_with(name: &str, dir: &Path, extra: &[&str], suffix: Option<&str>) -> PathBuf {
+    let out = dir.join(match suffix {
+        Some(s) => format!("{name}-{s}.tern"),
+        None => format!("{name}.tern"),
+    });
+    let src = fixture(name);
+    let mut args = vec![
         "convert",
-        fixture(name).to_str().unwrap(),
+        src.to_str().unwrap(),
         "-o",
         out.to_str().unwrap(),
         "--quiet",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    tern_ok(&args);
     out
 }
 
