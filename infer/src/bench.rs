@@ -103,14 +103,35 @@ pub struct KernelSpeed {
     pub gops: Option<f64>,
 }
 
+/// Seconds per pass of `run` over `copies` equal matrices of `mat` bytes, cycled `reps`
+/// times, so that each pass streams its weights from memory rather than a cache.
+fn time_streaming(copies: usize, reps: usize, mut run: impl FnMut(usize)) -> f64 {
+    let start = Instant::now();
+    for r in 0..reps * copies {
+        run(r % copies);
+    }
+    start.elapsed().as_secs_f64() / (reps * copies) as f64
+}
+
 /// Single-thread throughput of each kernel on each ISA this CPU has, on 2B-4T shapes, with
-/// weights cycled through a set larger than the caches.
+/// weights cycled through a set larger than the caches: the ternary GEMVs in both layouts
+/// (TQ2, TQ1), the TQ2 GEMM of prefill, and the head GEMVs (bf16, Q8_ROW).
 pub fn kernel_speeds(budget_bytes: usize) -> Vec<KernelSpeed> {
     let mut out = Vec::new();
-    let shapes = [(6912usize, 2560usize), (2560, 6912)];
+    let speed = |kernel: &str, k: &Kernels, rows: usize, cols: usize, bytes: usize, secs: f64| {
+        KernelSpeed {
+            kernel: kernel.into(),
+            isa: k.variant().into(),
+            shape: format!("{rows}x{cols}"),
+            gb_per_s: bytes as f64 / secs / 1e9,
+            gops: None,
+        }
+    };
     for isa in Isa::all_available() {
         let k = Kernels::for_isa(isa).expect("available");
-        for (rows, cols) in shapes {
+        let reps = if isa == Isa::Scalar { 1 } else { 3 };
+        for (rows, cols) in [(6912usize, 2560usize), (2560, 6912)] {
+            // TQ2 (2 bits): codes 0..=2 in every 2-bit field.
             let nb = cols.div_ceil(128);
             let mat = rows * nb * 32;
             let copies = (budget_bytes / mat).max(2);
@@ -120,21 +141,11 @@ pub fn kernel_speeds(budget_bytes: usize) -> Vec<KernelSpeed> {
             let q: Vec<i8> = (0..nb * 128).map(|i| (i % 255) as i8).collect();
             let qsum = q.iter().map(|&v| i32::from(v)).sum();
             let mut acc = vec![0i32; rows];
-            let reps = if isa == Isa::Scalar { 1 } else { 3 };
-            let start = Instant::now();
-            for r in 0..reps * copies {
-                let m = r % copies;
+            let secs = time_streaming(copies, reps, |m| {
                 k.tq2_gemv(&weights[m * mat..(m + 1) * mat], nb, &q, qsum, &mut acc);
                 black_box(&acc);
-            }
-            let secs = start.elapsed().as_secs_f64();
-            out.push(KernelSpeed {
-                kernel: "tq2_gemv".into(),
-                isa: k.variant().into(),
-                shape: format!("{rows}x{cols}"),
-                gb_per_s: (mat * reps * copies) as f64 / secs / 1e9,
-                gops: None,
             });
+            out.push(speed("tq2_gemv", &k, rows, cols, mat, secs));
 
             // Prefill: 64 tokens against one matrix at a time.
             let n = 64;
@@ -144,50 +155,61 @@ pub fn kernel_speeds(budget_bytes: usize) -> Vec<KernelSpeed> {
                 .map(|r| r.iter().map(|&v| i32::from(v)).sum())
                 .collect();
             let mut outm = vec![0i32; n * rows];
-            let mats = if isa == Isa::Scalar { 1 } else { copies.min(8) };
-            let start = Instant::now();
-            for m in 0..mats {
-                k.tq2_gemm(
-                    &weights[m * mat..(m + 1) * mat],
-                    nb,
-                    rows,
-                    &qs,
-                    &sums,
-                    n,
-                    &mut outm,
-                );
+            let secs = time_streaming(if isa == Isa::Scalar { 1 } else { copies.min(8) }, 1, |m| {
+                let w = &weights[m * mat..(m + 1) * mat];
+                k.tq2_gemm(w, nb, rows, &qs, &sums, n, &mut outm);
                 black_box(&outm);
-            }
-            let secs = start.elapsed().as_secs_f64();
-            out.push(KernelSpeed {
-                kernel: "tq2_gemm x64".into(),
-                isa: k.variant().into(),
-                shape: format!("{rows}x{cols}"),
-                gb_per_s: (mat * mats) as f64 / secs / 1e9,
-                gops: Some((rows * cols * n * mats) as f64 / secs / 1e9),
             });
+            let mut gemm = speed("tq2_gemm x64", &k, rows, cols, mat, secs);
+            gemm.gops = Some((rows * cols * n) as f64 / secs / 1e9);
+            out.push(gemm);
+
+            // TQ1 (1.6 bits): every byte a valid 5-trit encoding.
+            let nb1 = cols.div_ceil(tern_format::tq1::BLOCK_COLS);
+            let mat1 = rows * nb1 * tern_format::tq1::BLOCK_BYTES;
+            let copies1 = (budget_bytes / mat1).max(2);
+            let weights1: Vec<u8> = (0..mat1 * copies1)
+                .map(|i| tern_format::tq1::pack_digits([0, 1, 2, (i % 3) as u8, 1]))
+                .collect();
+            let q1: Vec<i8> = (0..nb1 * tern_format::tq1::BLOCK_COLS)
+                .map(|i| (i % 255) as i8)
+                .collect();
+            let qsum1 = q1.iter().map(|&v| i32::from(v)).sum();
+            let secs = time_streaming(copies1, reps, |m| {
+                k.tq1_gemv(
+                    &weights1[m * mat1..(m + 1) * mat1],
+                    nb1,
+                    &q1,
+                    qsum1,
+                    &mut acc,
+                );
+                black_box(&acc);
+            });
+            out.push(speed("tq1_gemv", &k, rows, cols, mat1, secs));
         }
-        // The bf16 head of 2B-4T: 128256 x 2560.
+
+        // The heads of 2B-4T: 128256 x 2560, bf16 (exact) and Q8_ROW (compact).
         let (rows, cols) = (128256usize, 2560usize);
+        let x: Vec<f32> = (0..cols).map(|i| i as f32 * 1e-3).collect();
+        let mut y = vec![0.0f32; rows];
         let w: Vec<u16> = (0..rows * cols)
             .map(|i| (0x3c00 + (i % 512)) as u16)
             .collect();
-        let x: Vec<f32> = (0..cols).map(|i| i as f32 * 1e-3).collect();
-        let mut y = vec![0.0f32; rows];
-        let reps = if isa == Isa::Scalar { 1 } else { 2 };
-        let start = Instant::now();
-        for _ in 0..reps {
+        let secs = time_streaming(1, if isa == Isa::Scalar { 1 } else { 2 }, |_| {
             k.bf16_gemv(&w, cols, &x, &mut y);
             black_box(&y);
-        }
-        let secs = start.elapsed().as_secs_f64();
-        out.push(KernelSpeed {
-            kernel: "bf16_gemv".into(),
-            isa: k.variant().into(),
-            shape: format!("{rows}x{cols}"),
-            gb_per_s: (rows * cols * 2 * reps) as f64 / secs / 1e9,
-            gops: None,
         });
+        out.push(speed("bf16_gemv", &k, rows, cols, w.len() * 2, secs));
+        drop(w);
+        let stride = crate::kernels::q8_row_stride(cols);
+        let w8: Vec<u8> = (0..rows * stride)
+            .map(|i| if i % stride < 4 { 0 } else { (i % 251) as u8 })
+            .collect();
+        let secs = time_streaming(1, if isa == Isa::Scalar { 1 } else { 2 }, |_| {
+            k.q8_gemv(&w8, cols, &x, &mut y);
+            black_box(&y);
+        });
+        out.push(speed("q8_gemv", &k, rows, cols, w8.len(), secs));
     }
     out
 }

@@ -430,6 +430,9 @@ macro_rules! dense_gemv {
                 // SAFETY: as above.
                 let x1 = unsafe { _mm256_loadu_ps(xp.add(c + 8)) };
                 for r in 0..R {
+                    // The same columns of the next group of rows, fetched ahead (see
+                    // `gemv_rows`); prefetches never fault.
+                    _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add((r + 4) * cols + c) as *const i8);
                     // SAFETY: r < R, c + 16 <= cols: inside row r.
                     let (w0, w1) = unsafe {
                         let p = w.add(r * cols + c);
@@ -655,6 +658,8 @@ pub(crate) unsafe fn q8_gemv(w: &[u8], cols: usize, x: &[f32], out: &mut [f32]) 
         let mut a = [_mm256_setzero_ps(); 4];
         let mut c = 0;
         while c + 32 <= cols {
+            // The row four ahead, fetched while this one is computed (see `gemv_rows`).
+            _mm_prefetch::<_MM_HINT_T0>(qp.wrapping_add(4 * stride + c) as *const i8);
             for (k, ak) in a.iter_mut().enumerate() {
                 // SAFETY: c + 8k + 8 <= cols: inside the record's int8 values and `x`.
                 *ak = unsafe {

@@ -382,6 +382,11 @@ pub(crate) mod plain {
                     // SAFETY: as above.
                     let x1 = unsafe { _mm512_loadu_ps(xp.add(c + 16)) };
                     for r in 0..R {
+                        // The same columns of the next group of rows, fetched ahead as in
+                        // the AVX2 kernel; prefetches never fault.
+                        _mm_prefetch::<_MM_HINT_T0>(
+                            w.wrapping_add((r + 4) * cols + c) as *const i8
+                        );
                         // SAFETY: r < R, c + 32 <= cols: inside row r.
                         let (w0, w1) = unsafe {
                             let p = w.add(r * cols + c);
