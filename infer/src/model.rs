@@ -480,38 +480,18 @@ impl State {
         let (qact, qsums) = (&self.qact[..n * padded], &self.qsums[..n]);
         let act_len = w.act_len();
         let row_bytes = w.row_bytes();
-        if w.layout == Layout::Tq1 {
-            // TQ1 has no GEMM kernel: prefill runs one GEMV per token.
-            for t in 0..n {
-                let qt = &qact[t * padded..t * padded + act_len];
-                par_rows(
-                    pool,
-                    &mut self.acc[t * w.rows..],
-                    w.rows,
-                    1,
-                    4,
-                    |_, r, acc| {
-                        kernels.tq1_gemv(
-                            &w.data[r.start * row_bytes..r.end * row_bytes],
-                            w.blocks,
-                            qt,
-                            qsums[t],
-                            acc,
-                        );
-                    },
-                );
-            }
-        } else if n == 1 {
+        if n == 1 {
+            let qt = &qact[..act_len];
             par_rows(pool, &mut self.acc, w.rows, 1, 4, |_, r, acc| {
-                kernels.tq2_gemv(
-                    &w.data[r.start * row_bytes..r.end * row_bytes],
-                    w.blocks,
-                    qact,
-                    qsums[0],
-                    acc,
-                );
+                let rw = &w.data[r.start * row_bytes..r.end * row_bytes];
+                match w.layout {
+                    Layout::Tq1 => kernels.tq1_gemv(rw, w.blocks, qt, qsums[0], acc),
+                    _ => kernels.tq2_gemv(rw, w.blocks, qt, qsums[0], acc),
+                }
             });
         } else {
+            // Each worker multiplies its rows with all n tokens into its own scratch
+            // ([n, its rows]), then the parts are interleaved into acc ([n, rows]).
             let scratch = &self.scratch;
             pool.run(|worker, workers| {
                 let r = split_range(w.rows, 4, worker, workers);
@@ -520,15 +500,13 @@ impl State {
                 }
                 let mut s = scratch[worker].lock().expect("no poisoned scratch");
                 let part = &mut s[..n * r.len()];
-                kernels.tq2_gemm(
-                    &w.data[r.start * row_bytes..r.end * row_bytes],
-                    w.blocks,
-                    r.len(),
-                    qact,
-                    qsums,
-                    n,
-                    part,
-                );
+                let rw = &w.data[r.start * row_bytes..r.end * row_bytes];
+                match w.layout {
+                    Layout::Tq1 => {
+                        kernels.tq1_gemm(rw, w.blocks, r.len(), qact, padded, qsums, n, part)
+                    }
+                    _ => kernels.tq2_gemm(rw, w.blocks, r.len(), qact, qsums, n, part),
+                }
             });
             for worker in 0..pool.threads() {
                 let r = split_range(w.rows, 4, worker, pool.threads());

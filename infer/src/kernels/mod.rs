@@ -152,6 +152,7 @@ pub enum KernelError {
 type QuantFn = unsafe fn(&[f32], &mut [i8]) -> QuantRow;
 type Tq2GemvFn = unsafe fn(&[u8], usize, &[i8], i32, &mut [i32]);
 type Tq2GemmFn = unsafe fn(&[u8], usize, usize, &[i8], &[i32], usize, &mut [i32]);
+type Tq1GemmFn = unsafe fn(&[u8], usize, usize, &[i8], usize, &[i32], usize, &mut [i32]);
 type Q8GemvFn = unsafe fn(&[u8], usize, &[f32], &mut [f32]);
 type DenseU16Fn = unsafe fn(&[u16], usize, &[f32], &mut [f32]);
 type DenseF32Fn = unsafe fn(&[f32], usize, &[f32], &mut [f32]);
@@ -167,6 +168,7 @@ pub struct Kernels {
     tq2_gemv: Tq2GemvFn,
     tq2_gemm: Tq2GemmFn,
     tq1_gemv: Tq2GemvFn,
+    tq1_gemm: Tq1GemmFn,
     q8_gemv: Q8GemvFn,
     bf16_gemv: DenseU16Fn,
     f16_gemv: DenseU16Fn,
@@ -246,6 +248,7 @@ impl Kernels {
                 tq2_gemv: scalar::tq2_gemv,
                 tq2_gemm: scalar::tq2_gemm,
                 tq1_gemv: scalar::tq1_gemv,
+                tq1_gemm: scalar::tq1_gemm,
                 q8_gemv: scalar::q8_gemv,
                 bf16_gemv: scalar::bf16_gemv,
                 f16_gemv: scalar::f16_gemv,
@@ -261,6 +264,7 @@ impl Kernels {
                     tq2_gemv: avx2::tq2_gemv,
                     tq2_gemm: avx2::tq2_gemm,
                     tq1_gemv: avx2::tq1_gemv,
+                    tq1_gemm: avx2::tq1_gemm,
                     q8_gemv: avx2::q8_gemv,
                     bf16_gemv: avx2::bf16_gemv,
                     f16_gemv: avx2::f16_gemv,
@@ -279,6 +283,7 @@ impl Kernels {
                     tq2_gemv,
                     tq2_gemm,
                     tq1_gemv: avx2::tq1_gemv,
+                    tq1_gemm: avx2::tq1_gemm,
                     q8_gemv: avx2::q8_gemv,
                     bf16_gemv: plain::bf16_gemv,
                     f16_gemv: plain::f16_gemv,
@@ -307,6 +312,7 @@ impl Kernels {
                     tq2_gemv,
                     tq2_gemm,
                     tq1_gemv: scalar::tq1_gemv,
+                    tq1_gemm: scalar::tq1_gemm,
                     q8_gemv: scalar::q8_gemv,
                     bf16_gemv: neon::bf16_gemv,
                     f16_gemv: neon::f16_gemv,
@@ -403,6 +409,34 @@ impl Kernels {
         );
         // SAFETY: CPU features detected at construction; lengths checked above.
         unsafe { (self.tq1_gemv)(w, nb, q, q_sum, out) }
+    }
+
+    /// [`Kernels::tq1_gemv`] for `n` activation rows (prefill): row `t` of `q` starts at
+    /// `t · q_stride` (`q_stride >= nb · 160`; the kernel reads its first `nb · 160`),
+    /// `q_sums[t]` is the sum of those; `out[t · rows + r]`. Each unpacked weight block is
+    /// reused for a tile of tokens: TQ1's base-3 decoding costs more than the dot product.
+    #[allow(clippy::too_many_arguments)]
+    pub fn tq1_gemm(
+        &self,
+        w: &[u8],
+        nb: usize,
+        rows: usize,
+        q: &[i8],
+        q_stride: usize,
+        q_sums: &[i32],
+        n: usize,
+        out: &mut [i32],
+    ) {
+        check_tq1_gemm(w, nb, rows, q, q_stride, q_sums, n, out);
+        debug_assert!(
+            (0..n).all(|t| {
+                let row = &q[t * q_stride..t * q_stride + nb * TQ1_BLOCK_COLS];
+                row.iter().map(|&v| v as i32).sum::<i32>() == q_sums[t]
+            }),
+            "q_sums[t] != Σ q[t]"
+        );
+        // SAFETY: CPU features detected at construction; lengths checked above.
+        unsafe { (self.tq1_gemm)(w, nb, rows, q, q_stride, q_sums, n, out) }
     }
 
     /// Q8_ROW rows times an f32 vector: `out[r] = scale_r · Σ_c q[r, c] · x[c]`, f32
@@ -512,6 +546,45 @@ pub(crate) fn check_tq1_gemv(w: &[u8], nb: usize, q: &[i8], out: &[i32]) {
         Some(w.len()),
         out.len().checked_mul(nb * TQ1_BLOCK_BYTES),
         "tq1_gemv: w.len() != out.len() * nb * 32"
+    );
+}
+
+#[inline]
+#[track_caller]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn check_tq1_gemm(
+    w: &[u8],
+    nb: usize,
+    rows: usize,
+    q: &[i8],
+    q_stride: usize,
+    q_sums: &[i32],
+    n: usize,
+    out: &[i32],
+) {
+    assert_eq!(
+        Some(w.len()),
+        rows.checked_mul(nb * TQ1_BLOCK_BYTES),
+        "tq1_gemm: w.len() != rows * nb * 32"
+    );
+    assert!(
+        q_stride >= nb * TQ1_BLOCK_COLS,
+        "tq1_gemm: q_stride < nb * 160"
+    );
+    // The last row needs only its first nb · 160 bytes.
+    let need = n.checked_sub(1).map(|m| {
+        m.checked_mul(q_stride)
+            .and_then(|v| v.checked_add(nb * TQ1_BLOCK_COLS))
+    });
+    assert!(
+        need.is_none_or(|need| need.is_some_and(|need| q.len() >= need)),
+        "tq1_gemm: q.len() < (n - 1) * q_stride + nb * 160"
+    );
+    assert_eq!(q_sums.len(), n, "tq1_gemm: q_sums.len() != n");
+    assert_eq!(
+        Some(out.len()),
+        n.checked_mul(rows),
+        "tq1_gemm: out.len() != n * rows"
     );
 }
 

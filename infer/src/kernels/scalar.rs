@@ -6,8 +6,9 @@
 //! a reader rejects when verifying) gives the same result on every ISA, as if `t = 2`.
 
 use super::{
-    check_dense, check_q8_gemv, check_quantize, check_tq1_gemv, check_tq2_gemm, check_tq2_gemv,
-    q8_row_stride, QuantRow, TQ1_BLOCK_BYTES, TQ1_BLOCK_COLS, TQ2_BLOCK_BYTES, TQ2_BLOCK_COLS,
+    check_dense, check_q8_gemv, check_quantize, check_tq1_gemm, check_tq1_gemv, check_tq2_gemm,
+    check_tq2_gemv, q8_row_stride, QuantRow, TQ1_BLOCK_BYTES, TQ1_BLOCK_COLS, TQ2_BLOCK_BYTES,
+    TQ2_BLOCK_COLS,
 };
 
 /// Reference [`super::Kernels::quantize_row`].
@@ -113,6 +114,26 @@ pub fn tq1_gemv(w: &[u8], nb: usize, q: &[i8], q_sum: i32, out: &mut [i32]) {
     }
     for (o, row) in out.iter_mut().zip(w.chunks_exact(nb * TQ1_BLOCK_BYTES)) {
         *o = tq1_dot_digits(row, q) - q_sum;
+    }
+}
+
+/// Reference [`super::Kernels::tq1_gemm`]: one [`tq1_gemv`] per token.
+#[allow(clippy::too_many_arguments)]
+pub fn tq1_gemm(
+    w: &[u8],
+    nb: usize,
+    rows: usize,
+    q: &[i8],
+    q_stride: usize,
+    q_sums: &[i32],
+    n: usize,
+    out: &mut [i32],
+) {
+    check_tq1_gemm(w, nb, rows, q, q_stride, q_sums, n, out);
+    let len = nb * TQ1_BLOCK_COLS;
+    for t in 0..n {
+        let qt = &q[t * q_stride..t * q_stride + len];
+        tq1_gemv(w, nb, qt, q_sums[t], &mut out[t * rows..(t + 1) * rows]);
     }
 }
 

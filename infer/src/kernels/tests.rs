@@ -712,6 +712,64 @@ fn tq1_gemv_all_isas_match_scalar_and_naive() {
 }
 
 #[test]
+fn tq1_gemm_all_isas_match_scalar_and_naive() {
+    let ks = variants();
+    let mut rng = Rng::new(71);
+    for case in 0..120 {
+        let nb = rng.range(1, 45);
+        let cols = nb * TQ1_BLOCK_COLS - rng.range(0, TQ1_BLOCK_COLS - 1);
+        let rows = rng.range(1, 23);
+        let n = if case < 9 { case + 1 } else { rng.range(1, 11) };
+        // The model's stride: nb · 160 rounded up to the quantizer's 128, sometimes more.
+        let stride = (nb * TQ1_BLOCK_COLS).div_ceil(128) * 128 + 128 * rng.range(0, 2);
+        let fill = [0i8, 0, 1, -1][case % 4];
+        let (w, trits) = make_tq1(&mut rng, rows, cols, fill);
+        let mut q = vec![0i8; n * stride];
+        for t in 0..n {
+            let act = match (case / 4 + t) % 4 {
+                0 | 1 => None,
+                2 => Some(-128),
+                _ => Some(127),
+            };
+            for v in &mut q[t * stride..t * stride + cols] {
+                *v = act.unwrap_or_else(|| rng.i8());
+            }
+            // Bytes beyond nb · 160 are not read: make them loud.
+            for v in &mut q[t * stride + nb * TQ1_BLOCK_COLS..(t + 1) * stride] {
+                *v = 99;
+            }
+        }
+        let q_sums: Vec<i32> = (0..n)
+            .map(|t| {
+                q[t * stride..t * stride + cols]
+                    .iter()
+                    .map(|&v| v as i32)
+                    .sum()
+            })
+            .collect();
+        let what = format!("nb={nb} cols={cols} rows={rows} n={n} stride={stride} fill={fill}");
+        let mut want = vec![0i32; n * rows];
+        scalar_kernels().tq1_gemm(&w, nb, rows, &q, stride, &q_sums, n, &mut want);
+        for t in 0..n {
+            for r in 0..rows {
+                let qt = &q[t * stride..t * stride + cols];
+                let naive = naive_dot(&trits[r * cols..(r + 1) * cols], qt);
+                assert_eq!(
+                    want[t * rows + r] as i64,
+                    naive,
+                    "scalar t={t} r={r} {what}"
+                );
+            }
+        }
+        for k in &ks {
+            let mut got = vec![i32::MIN; n * rows];
+            k.tq1_gemm(&w, nb, rows, &q, stride, &q_sums, n, &mut got);
+            assert_eq!(got, want, "{} {what}", k.variant());
+        }
+    }
+}
+
+#[test]
 fn tq1_gemv_every_byte_value_is_consistent_across_isas() {
     // All 256 byte values (the 13 invalid ones included) decode identically everywhere.
     let ks = variants();

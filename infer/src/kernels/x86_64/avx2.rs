@@ -11,9 +11,9 @@
 use std::arch::x86_64::*;
 
 use crate::kernels::{
-    check_dense, check_q8_gemv, check_quantize, check_tq1_gemv, check_tq2_gemm, check_tq2_gemv,
-    gemm_chunk_rows, q8_row_stride, scalar, QuantRow, TQ1_BLOCK_BYTES, TQ1_BLOCK_COLS,
-    TQ2_BLOCK_BYTES as BB, TQ2_BLOCK_COLS as BC,
+    check_dense, check_q8_gemv, check_quantize, check_tq1_gemm, check_tq1_gemv, check_tq2_gemm,
+    check_tq2_gemv, gemm_chunk_rows, q8_row_stride, scalar, QuantRow, TQ1_BLOCK_BYTES,
+    TQ1_BLOCK_COLS, TQ2_BLOCK_BYTES as BB, TQ2_BLOCK_COLS as BC,
 };
 
 // ---- horizontal helpers ------------------------------------------------------------------
@@ -625,6 +625,104 @@ pub(crate) unsafe fn tq1_gemv(w: &[u8], nb: usize, q: &[i8], q_sum: i32, out: &m
         // SAFETY: `tmp` has 4 i32.
         unsafe { _mm_storeu_si128(tmp.as_mut_ptr() as *mut __m128i, _mm_sub_epi32(v, bias)) };
         out[r..].copy_from_slice(&tmp[..left]);
+    }
+}
+
+/// `Σ digit·q` of one TQ1 row (`nb` blocks at `w`) with `T ≤ 4` activation rows starting
+/// at `q` (stride `qs`): each block is decoded once and used for all `T` tokens.
+///
+/// # Safety
+/// `w` readable for `nb · 32` bytes, `q` for `(T − 1) · qs + nb · 160`; AVX2 available.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn tq1_gemm_tile<const T: usize>(
+    w: *const u8,
+    nb: usize,
+    q: *const i8,
+    qs: usize,
+) -> __m128i {
+    let mut acc = [_mm256_setzero_si256(); 4];
+    let mut b0 = 0;
+    while b0 < nb {
+        let b1 = (b0 + FLUSH).min(nb);
+        let mut acc16 = [_mm256_setzero_si256(); 4];
+        for b in b0..b1 {
+            // SAFETY: b < nb: the block is inside the row.
+            let d = unsafe { unpack_tq1(w.add(b * TQ1_BLOCK_BYTES)) };
+            for (t, a) in acc16.iter_mut().enumerate().take(T) {
+                let qb = q.wrapping_add(t * qs + b * TQ1_BLOCK_COLS);
+                // SAFETY: t < T and b < nb: the block's 160 activations of token t.
+                let qv = |i: usize| unsafe { _mm256_loadu_si256(qb.add(32 * i) as *const __m256i) };
+                let p01 = _mm256_add_epi16(
+                    _mm256_maddubs_epi16(d[0], qv(0)),
+                    _mm256_maddubs_epi16(d[1], qv(1)),
+                );
+                let p23 = _mm256_add_epi16(
+                    _mm256_maddubs_epi16(d[2], qv(2)),
+                    _mm256_maddubs_epi16(d[3], qv(3)),
+                );
+                let p = _mm256_add_epi16(
+                    _mm256_add_epi16(p01, p23),
+                    _mm256_maddubs_epi16(d[4], qv(4)),
+                );
+                *a = _mm256_add_epi16(*a, p);
+            }
+        }
+        for (a, a16) in acc.iter_mut().zip(acc16).take(T) {
+            *a = widen_add(*a, a16);
+        }
+        b0 = b1;
+    }
+    hsum4_epi32(acc[0], acc[1], acc[2], acc[3])
+}
+
+/// AVX2 [`crate::kernels::Kernels::tq1_gemm`]: rows in cache-sized chunks, tokens in tiles
+/// of four, as in [`tq2_gemm`].
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn tq1_gemm(
+    w: &[u8],
+    nb: usize,
+    rows: usize,
+    q: &[i8],
+    q_stride: usize,
+    q_sums: &[i32],
+    n: usize,
+    out: &mut [i32],
+) {
+    check_tq1_gemm(w, nb, rows, q, q_stride, q_sums, n, out);
+    let rb = nb * TQ1_BLOCK_BYTES;
+    let chunk = gemm_chunk_rows(rb, rows);
+    let mut r0 = 0;
+    while r0 < rows {
+        let r1 = (r0 + chunk).min(rows);
+        let mut t0 = 0;
+        while t0 < n {
+            let tn = (n - t0).min(4);
+            for r in r0..r1 {
+                // SAFETY: row r < rows exists; tokens t0..t0+tn < n exist (lengths checked).
+                let v = unsafe {
+                    let (wr, qt) = (w.as_ptr().add(r * rb), q.as_ptr().add(t0 * q_stride));
+                    match tn {
+                        1 => tq1_gemm_tile::<1>(wr, nb, qt, q_stride),
+                        2 => tq1_gemm_tile::<2>(wr, nb, qt, q_stride),
+                        3 => tq1_gemm_tile::<3>(wr, nb, qt, q_stride),
+                        _ => tq1_gemm_tile::<4>(wr, nb, qt, q_stride),
+                    }
+                };
+                let mut res = [0i32; 4];
+                // SAFETY: `res` has 4 i32.
+                unsafe { _mm_storeu_si128(res.as_mut_ptr() as *mut __m128i, v) };
+                for t in 0..tn {
+                    out[(t0 + t) * rows + r] = res[t] - q_sums[t0 + t];
+                }
+            }
+            t0 += tn;
+        }
+        r0 = r1;
     }
 }
 
