@@ -10,7 +10,7 @@ use std::sync::Mutex;
 
 use tern_format::{Activation, Layout, ModelConfig, RopeStyle, TensorInfo, TernFile};
 
-use crate::kernels::{Kernels, QuantRow};
+use crate::kernels::{AttendShape, Kernels, QuantRow};
 use crate::pool::{split_range, Pool};
 use crate::reference::{Probe, Site};
 use crate::InferError;
@@ -335,6 +335,8 @@ impl State {
             c.vocab_size as usize,
         );
         let b = PREFILL_CHUNK;
+        // Query heads per KV head: attention keeps one row of scores for each.
+        let group = (c.num_attention_heads / c.num_key_value_heads.max(1)).max(1) as usize;
         let widest = h.max(attn).max(inter);
         // Room for a TQ2 (128-column) or TQ1 (160-column, then to 128) padded row.
         let padded = widest.div_ceil(160) * 160;
@@ -358,7 +360,7 @@ impl State {
             gate: vec![0.0; b * inter],
             up: vec![0.0; b * inter],
             scores: (0..pool.threads())
-                .map(|_| Mutex::new(vec![0.0; ctx]))
+                .map(|_| Mutex::new(vec![0.0; group * ctx]))
                 .collect(),
             qact: vec![0; b * padded],
             qstride: 0,
@@ -401,25 +403,6 @@ fn rope(head: &mut [f32], pos: usize, inv_freq: &[f32], style: RopeStyle) {
         head[ia] = a * cos - b * sin;
         head[ib] = b * cos + a * sin;
     }
-}
-
-/// Dot product with eight independent partial sums, which the compiler turns into SIMD
-/// (a single running sum would have to be kept in order).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for k in 0..8 {
-            acc[k] += x[k] * y[k];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// Runs `f(worker, rows, out)` on every worker, each given a disjoint range of rows (a
@@ -722,35 +705,40 @@ impl Model<'_> {
         let base = layer * st.ctx * kv;
         let pos0 = st.pos;
         let (keys, values) = (&st.key_cache[base..], &st.value_cache[base..]);
-        par_rows(pool, out, n * heads, d, 1, |worker, r, out| {
-            // Each worker owns one scores buffer; the lock is uncontended.
+        // Heads that share a KV head are computed together, so each cached key and value
+        // row is read once for all of them; the group is halved (quartered, ...) only when
+        // that is what keeps the workers evenly loaded (2B-4T decode on 2 threads: 5 groups
+        // of 4 heads become 10 units of 2).
+        let threads = pool.threads();
+        let m = (1..=group)
+            .rev()
+            .filter(|m| group.is_multiple_of(*m))
+            .find(|m| {
+                let units = n * heads / m;
+                units.is_multiple_of(threads) || units >= 4 * threads
+            })
+            .unwrap_or(1);
+        par_rows(pool, out, n * heads, d, m, |worker, r, out| {
+            // Each worker owns one scores buffer (group × ctx); the lock is uncontended.
             let mut scores = st.scores[worker].lock().expect("no poisoned scores");
-            for (j, th) in r.enumerate() {
-                let (t, head) = (th / heads, th % heads);
-                let g = head / group;
-                let len = pos0 + t + 1;
-                let qh = &q[t * heads * d + head * d..][..d];
-                let s = &mut scores[..len];
-                let mut max = f32::NEG_INFINITY;
-                for (p, sp) in s.iter_mut().enumerate() {
-                    let kp = &keys[p * kv + g * d..][..d];
-                    *sp = dot(qh, kp) * scale;
-                    max = max.max(*sp);
-                }
-                let mut sum = 0.0;
-                for sp in s.iter_mut() {
-                    *sp = (*sp - max).exp();
-                    sum += *sp;
-                }
-                let o = &mut out[j * d..(j + 1) * d];
-                o.fill(0.0);
-                for (p, &sp) in s.iter().enumerate() {
-                    let w = sp / sum;
-                    let vp = &values[p * kv + g * d..][..d];
-                    for (ov, vv) in o.iter_mut().zip(vp) {
-                        *ov += w * vv;
-                    }
-                }
+            for (u, first) in r.step_by(m).enumerate() {
+                let (t, head0) = (first / heads, first % heads);
+                let g = head0 / group;
+                let shape = AttendShape {
+                    heads: m,
+                    head_dim: d,
+                    len: pos0 + t + 1,
+                    stride: kv,
+                    scale,
+                };
+                st.kernels.attend(
+                    shape,
+                    &q[t * heads * d + head0 * d..][..m * d],
+                    &keys[g * d..],
+                    &values[g * d..],
+                    &mut scores,
+                    &mut out[u * m * d..(u + 1) * m * d],
+                );
             }
         });
     }

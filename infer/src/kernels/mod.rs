@@ -17,8 +17,11 @@
 //!
 //! TQ1 layout (§6.3): `ceil(cols/160)` blocks of 32 bytes; byte `j` holds columns
 //! `160b + j + 32i`, `i = 0..5`, as base-3 digits `d_i = t + 1`, extracted with
-//! `d_i = ((byte · 3^i) mod 256) · 3 >> 8`. TQ1 has scalar and AVX2 kernels (AVX-512 uses
-//! the AVX2 one, NEON the scalar one) and no GEMM: prefill runs one GEMV per token.
+//! `d_i = ((byte · 3^i) mod 256) · 3 >> 8`. TQ1 has scalar and AVX2 GEMV and GEMM kernels
+//! (AVX-512 uses the AVX2 ones, NEON the scalar ones).
+//!
+//! [`attention`]: scores, softmax and the weighted sum of values for the query heads that
+//! share a KV head, one body compiled for the baseline and with AVX2 (bit-identical).
 //!
 //! Q8_ROW (§6.4): per row `[f32 scale][cols × i8][pad to 4]`; `q8_gemv` widens the int8
 //! to f32 and accumulates in f32 like the dense kernels (tested with a tolerance).
@@ -26,7 +29,10 @@
 use std::fmt;
 use std::sync::OnceLock;
 
+pub mod attention;
 pub mod scalar;
+
+pub use attention::AttendShape;
 
 #[cfg(target_arch = "x86_64")]
 mod x86_64 {
@@ -154,6 +160,7 @@ type Tq2GemvFn = unsafe fn(&[u8], usize, &[i8], i32, &mut [i32]);
 type Tq2GemmFn = unsafe fn(&[u8], usize, usize, &[i8], &[i32], usize, &mut [i32]);
 type Tq1GemmFn = unsafe fn(&[u8], usize, usize, &[i8], usize, &[i32], usize, &mut [i32]);
 type Q8GemvFn = unsafe fn(&[u8], usize, &[f32], &mut [f32]);
+type AttendFn = unsafe fn(AttendShape, &[f32], &[f32], &[f32], &mut [f32], &mut [f32]);
 type DenseU16Fn = unsafe fn(&[u16], usize, &[f32], &mut [f32]);
 type DenseF32Fn = unsafe fn(&[f32], usize, &[f32], &mut [f32]);
 
@@ -173,6 +180,7 @@ pub struct Kernels {
     bf16_gemv: DenseU16Fn,
     f16_gemv: DenseU16Fn,
     f32_gemv: DenseF32Fn,
+    attend: AttendFn,
 }
 
 impl fmt::Debug for Kernels {
@@ -253,6 +261,7 @@ impl Kernels {
                 bf16_gemv: scalar::bf16_gemv,
                 f16_gemv: scalar::f16_gemv,
                 f32_gemv: scalar::f32_gemv,
+                attend: attention::attend,
             }),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => {
@@ -269,6 +278,7 @@ impl Kernels {
                     bf16_gemv: avx2::bf16_gemv,
                     f16_gemv: avx2::f16_gemv,
                     f32_gemv: avx2::f32_gemv,
+                    attend: attention::attend_avx2,
                 })
             }
             #[cfg(target_arch = "x86_64")]
@@ -288,6 +298,7 @@ impl Kernels {
                     bf16_gemv: plain::bf16_gemv,
                     f16_gemv: plain::f16_gemv,
                     f32_gemv: plain::f32_gemv,
+                    attend: attention::attend_avx2,
                 };
                 if is_x86_feature_detected!("avx512vnni") {
                     v.push(dense(
@@ -317,6 +328,7 @@ impl Kernels {
                     bf16_gemv: neon::bf16_gemv,
                     f16_gemv: neon::f16_gemv,
                     f32_gemv: neon::f32_gemv,
+                    attend: attention::attend,
                 };
                 if std::arch::is_aarch64_feature_detected!("dotprod") {
                     v.push(mk(
@@ -445,6 +457,25 @@ impl Kernels {
         check_q8_gemv(w, cols, x, out);
         // SAFETY: CPU features detected at construction; lengths checked above.
         unsafe { (self.q8_gemv)(w, cols, x, out) }
+    }
+
+    /// Attention of `sh.heads` query heads that share one KV head: for each head `i`
+    /// (query `q[i·d..(i+1)·d]`), softmax over the `sh.len` positions of
+    /// `scale · q_i · k_p` (key `p` at `keys[p·stride..p·stride + d]`), then
+    /// `out[i·d..(i+1)·d] = Σ_p weight_p · v_p` (values laid out like the keys). `scores`
+    /// is scratch of at least `heads · len`. Bit-identical on every ISA.
+    pub fn attend(
+        &self,
+        sh: AttendShape,
+        q: &[f32],
+        keys: &[f32],
+        values: &[f32],
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
+        check_attend(sh, q, keys, values, scores, out);
+        // SAFETY: CPU features detected at construction; lengths checked above.
+        unsafe { (self.attend)(sh, q, keys, values, scores, out) }
     }
 
     /// Dense bf16 rows (raw `u16` bits) times an f32 vector, f32 accumulation:
@@ -585,6 +616,38 @@ pub(crate) fn check_tq1_gemm(
         Some(out.len()),
         n.checked_mul(rows),
         "tq1_gemm: out.len() != n * rows"
+    );
+}
+
+#[inline]
+#[track_caller]
+pub(crate) fn check_attend(
+    sh: AttendShape,
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    scores: &[f32],
+    out: &[f32],
+) {
+    let qd = sh.heads.checked_mul(sh.head_dim);
+    assert!(sh.len > 0, "attend: len == 0");
+    assert!(sh.stride >= sh.head_dim, "attend: stride < head_dim");
+    assert!(
+        qd.is_some_and(|qd| q.len() >= qd && out.len() >= qd),
+        "attend: q or out shorter than heads * head_dim"
+    );
+    let cache = (sh.len - 1)
+        .checked_mul(sh.stride)
+        .and_then(|v| v.checked_add(sh.head_dim));
+    assert!(
+        cache.is_some_and(|c| keys.len() >= c && values.len() >= c),
+        "attend: keys or values shorter than (len - 1) * stride + head_dim"
+    );
+    assert!(
+        sh.heads
+            .checked_mul(sh.len)
+            .is_some_and(|n| scores.len() >= n),
+        "attend: scores shorter than heads * len"
     );
 }
 

@@ -836,3 +836,72 @@ fn q8_gemv_all_isas_close_to_exact() {
         }
     }
 }
+
+// ---- attention -----------------------------------------------------------------------------
+
+#[test]
+fn attend_all_isas_identical_and_close_to_f64() {
+    let ks = variants();
+    let mut rng = Rng::new(41);
+    for case in 0..60 {
+        let heads = [1, 2, 4, 3, 8][case % 5];
+        let d = [64, 128, 80, 256, 8, 3][case % 6];
+        let len = if case < 4 {
+            case + 1
+        } else {
+            rng.range(1, 300)
+        };
+        let stride = d * rng.range(1, 5);
+        let scale = (d as f32).powf(-0.5);
+        let big = if case % 7 == 0 { 30.0 } else { 1.0 }; // peaked softmax
+        let q: Vec<f32> = (0..heads * d).map(|_| rng.unit() * big).collect();
+        let keys: Vec<f32> = (0..len * stride).map(|_| rng.unit()).collect();
+        let values: Vec<f32> = (0..len * stride).map(|_| rng.unit()).collect();
+        let sh = AttendShape {
+            heads,
+            head_dim: d,
+            len,
+            stride,
+            scale,
+        };
+        let what = format!("heads={heads} d={d} len={len} stride={stride}");
+        let mut want = vec![0.0f32; heads * d];
+        let mut scores = vec![0.0f32; heads * len];
+        scalar_kernels().attend(sh, &q, &keys, &values, &mut scores, &mut want);
+        for i in 0..heads {
+            let s: Vec<f64> = (0..len)
+                .map(|p| {
+                    let k = &keys[p * stride..p * stride + d];
+                    let qi = &q[i * d..(i + 1) * d];
+                    qi.iter()
+                        .zip(k)
+                        .map(|(a, b)| *a as f64 * *b as f64)
+                        .sum::<f64>()
+                        * scale as f64
+                })
+                .collect();
+            let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = s.iter().map(|v| (v - max).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            for c in 0..d {
+                let exact: f64 = (0..len)
+                    .map(|p| e[p] / sum * values[p * stride + c] as f64)
+                    .sum();
+                let got = want[i * d + c] as f64;
+                assert!(
+                    (got - exact).abs() < 1e-4,
+                    "{what} head {i} col {c}: {got} vs {exact}"
+                );
+            }
+        }
+        for k in &ks {
+            let mut got = vec![f32::NAN; heads * d];
+            k.attend(sh, &q, &keys, &values, &mut scores, &mut got);
+            let (g, w): (Vec<u32>, Vec<u32>) = (
+                got.iter().map(|v| v.to_bits()).collect(),
+                want.iter().map(|v| v.to_bits()).collect(),
+            );
+            assert_eq!(g, w, "{} {what}", k.variant());
+        }
+    }
+}
