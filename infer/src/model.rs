@@ -415,11 +415,22 @@ fn par_rows<T: Send>(
     align: usize,
     f: impl Fn(usize, std::ops::Range<usize>, &mut [T]) + Sync,
 ) {
-    pool.run_split(&mut out[..rows * row_len], align * row_len, |w, r, part| {
-        if !r.is_empty() {
-            f(w, r.start / row_len..r.end / row_len, part);
-        }
-    });
+    // Several pieces per worker, claimed as workers become free (see `Pool::run_chunks`).
+    let parts = if pool.threads() > 1 {
+        4 * pool.threads()
+    } else {
+        1
+    };
+    pool.run_chunks(
+        &mut out[..rows * row_len],
+        align * row_len,
+        parts,
+        |w, r, part| {
+            if !r.is_empty() {
+                f(w, r.start / row_len..r.end / row_len, part);
+            }
+        },
+    );
 }
 
 impl State {
