@@ -92,6 +92,12 @@ pub enum TensorProblem {
     BadName,
     #[error("unknown layout id {0}")]
     UnknownLayout(u16),
+    #[error("layout {layout} needs format version 1.{since}, but the file says 1.{minor}")]
+    LayoutNewerThanFile {
+        layout: &'static str,
+        since: u16,
+        minor: u16,
+    },
     #[error("{0} dimensions (1 to 4 allowed)")]
     BadNdim(u8),
     #[error("dimension {index} is {value} (1 to 2^32 allowed)")]

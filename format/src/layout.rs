@@ -35,6 +35,15 @@ impl Layout {
         }
     }
 
+    /// The minor format version that introduced this layout: a file holding it must say at
+    /// least this minor (docs/format.md §2.1, §8).
+    pub fn since_minor(self) -> u16 {
+        match self {
+            Layout::F32 | Layout::F16 | Layout::Bf16 | Layout::Tq2 => 0,
+            Layout::Tq1 | Layout::Q8Row => 1,
+        }
+    }
+
     pub fn from_id(id: u16) -> Option<Layout> {
         Layout::ALL.into_iter().find(|l| l.id() == id)
     }

@@ -31,8 +31,9 @@ pub use writer::{TensorSpec, Writer};
 pub const MAGIC: [u8; 8] = *b"TERN\r\n\x1a\n";
 /// Major version this crate reads and writes; files with another major are rejected.
 pub const MAJOR: u16 = 1;
-/// Minor version this crate writes; files with a higher minor are accepted.
-pub const MINOR: u16 = 0;
+/// Newest minor version this crate knows (it writes the lowest minor a file's layouts need);
+/// files with a higher minor are accepted.
+pub const MINOR: u16 = 1;
 /// Alignment of tensor data written by this crate.
 pub const ALIGNMENT: u32 = 64;
 /// Size of the fixed header.

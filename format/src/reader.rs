@@ -306,6 +306,13 @@ fn parse_directory(
         let layout = Layout::from_id(layout_id);
         match layout {
             Some(layout) => {
+                if layout.since_minor() > minor {
+                    return Err(bad(TensorProblem::LayoutNewerThanFile {
+                        layout: layout.name(),
+                        since: layout.since_minor(),
+                        minor,
+                    }));
+                }
                 let expected = layout.byte_len(&shape).map_err(&bad)?;
                 if expected != byte_len {
                     return Err(bad(TensorProblem::ByteLength {

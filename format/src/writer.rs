@@ -91,7 +91,15 @@ impl Writer {
         let mut prefix = Vec::with_capacity(HEADER_LEN + meta.len() + tokenizer_json.len());
         prefix.extend_from_slice(&MAGIC);
         prefix.extend_from_slice(&MAJOR.to_le_bytes());
-        prefix.extend_from_slice(&MINOR.to_le_bytes());
+        // The lowest minor that holds every layout used: files without the 1.1 layouts stay
+        // readable as 1.0 by readers that predate them.
+        let minor = slots
+            .iter()
+            .map(|s| s.spec.layout.since_minor())
+            .max()
+            .unwrap_or(0);
+        debug_assert!(minor <= MINOR);
+        prefix.extend_from_slice(&minor.to_le_bytes());
         prefix.extend_from_slice(&ALIGNMENT.to_le_bytes());
         for v in [
             meta_offset,

@@ -211,6 +211,39 @@ fn compact_layouts_round_trip_and_verify() {
 }
 
 #[test]
+fn files_say_the_lowest_minor_their_layouts_need() {
+    // 1.0 layouts only: minor 0, readable by every 1.x reader.
+    let (_d, _, b) = valid_file(Layout::Bf16);
+    assert_eq!(parse(&b).unwrap().minor, 0);
+    // TQ1 or Q8_ROW: minor 1.
+    for (tern, embed) in [(Layout::Tq1, None), (Layout::Tq2, Some(Layout::Q8Row))] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.tern");
+        write_model_with(&path, Layout::F32, tern, embed, true);
+        let mut b = std::fs::read(&path).unwrap();
+        assert_eq!(parse(&b).unwrap().minor, 1);
+        // The same file claiming 1.0 is refused, naming the layout.
+        b[10..12].copy_from_slice(&0u16.to_le_bytes());
+        reseal(&mut b);
+        let p = problem(&b);
+        assert!(
+            matches!(
+                p,
+                Problem::Tensor {
+                    problem: TensorProblem::LayoutNewerThanFile {
+                        since: 1,
+                        minor: 0,
+                        ..
+                    },
+                    ..
+                }
+            ),
+            "{p:?}"
+        );
+    }
+}
+
+#[test]
 fn same_input_gives_identical_bytes() {
     let (_d1, _, a) = valid_file(Layout::Bf16);
     let (_d2, _, b) = valid_file(Layout::Bf16);
