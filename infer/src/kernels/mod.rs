@@ -17,8 +17,8 @@
 //!
 //! TQ1 layout (§6.3): `ceil(cols/160)` blocks of 32 bytes; byte `j` holds columns
 //! `160b + j + 32i`, `i = 0..5`, as base-3 digits `d_i = t + 1`, extracted with
-//! `d_i = ((byte · 3^i) mod 256) · 3 >> 8`. TQ1 has scalar and AVX2 GEMV and GEMM kernels
-//! (AVX-512 uses the AVX2 ones, NEON the scalar ones).
+//! `d_i = ((byte · 3^i) mod 256) · 3 >> 8`. TQ1 has scalar, AVX2 and NEON GEMV and GEMM
+//! kernels (AVX-512 uses the AVX2 ones).
 //!
 //! [`attention`]: scores, softmax and the weighted sum of values for the query heads that
 //! share a KV head, one body compiled for the baseline and with AVX2 (bit-identical).
@@ -316,15 +316,15 @@ impl Kernels {
             #[cfg(target_arch = "aarch64")]
             Isa::Neon => {
                 use aarch64::neon;
-                let mk = |variant, tq2_gemv, tq2_gemm| Kernels {
+                let mk = |variant, tq2_gemv, tq2_gemm, tq1_gemv, tq1_gemm| Kernels {
                     isa,
                     variant,
                     quantize: neon::quantize_row,
                     tq2_gemv,
                     tq2_gemm,
-                    tq1_gemv: scalar::tq1_gemv,
-                    tq1_gemm: scalar::tq1_gemm,
-                    q8_gemv: scalar::q8_gemv,
+                    tq1_gemv,
+                    tq1_gemm,
+                    q8_gemv: neon::q8_gemv,
                     bf16_gemv: neon::bf16_gemv,
                     f16_gemv: neon::f16_gemv,
                     f32_gemv: neon::f32_gemv,
@@ -335,12 +335,16 @@ impl Kernels {
                         "neon+dotprod",
                         neon::tq2_gemv_dotprod as Tq2GemvFn,
                         neon::tq2_gemm_dotprod as Tq2GemmFn,
+                        neon::tq1_gemv_dotprod as Tq2GemvFn,
+                        neon::tq1_gemm_dotprod as Tq1GemmFn,
                     ));
                 }
                 v.push(mk(
                     "neon",
                     neon::tq2_gemv as Tq2GemvFn,
                     neon::tq2_gemm as Tq2GemmFn,
+                    neon::tq1_gemv as Tq2GemvFn,
+                    neon::tq1_gemm as Tq1GemmFn,
                 ));
             }
             #[allow(unreachable_patterns)]

@@ -8,13 +8,16 @@
 //! multiplies with `smull`/`smlal` into i16 (8 products per lane per block, |sum| ≤ 2048)
 //! and widens with `sadalp`; the dotprod variant uses `sdot` (inline assembly, because the
 //! `vdotq_s32` intrinsic is not stable yet), only when `dotprod` is detected at run time.
+//!
+//! TQ1 uses the same two dot products on ten digit registers per block (see `unpack_tq1`).
 
 use std::arch::aarch64::*;
 use std::arch::asm;
 
 use crate::kernels::{
-    check_dense, check_quantize, check_tq2_gemm, check_tq2_gemv, gemm_chunk_rows, scalar, QuantRow,
-    TQ2_BLOCK_BYTES as BB, TQ2_BLOCK_COLS as BC,
+    check_dense, check_q8_gemv, check_quantize, check_tq1_gemm, check_tq1_gemv, check_tq2_gemm,
+    check_tq2_gemv, gemm_chunk_rows, q8_row_stride, scalar, QuantRow, TQ1_BLOCK_BYTES,
+    TQ1_BLOCK_COLS, TQ2_BLOCK_BYTES as BB, TQ2_BLOCK_COLS as BC,
 };
 
 // ---- quantization ------------------------------------------------------------------------
@@ -123,31 +126,37 @@ unsafe fn unpack(w: *const u8) -> [int8x16_t; 8] {
     ]
 }
 
-/// The 128 activations of one block as 8 registers.
+/// The `16 · N` activations of one block (N = 8 for TQ2, 10 for TQ1) as N registers.
 ///
 /// # Safety
-/// `q` readable for 128 bytes.
+/// `q` readable for `16 · N` bytes.
 #[inline]
 #[target_feature(enable = "neon")]
-unsafe fn load_q(q: *const i8) -> [int8x16_t; 8] {
-    let mut r = [vdupq_n_s8(0); 8];
+unsafe fn load_q<const N: usize>(q: *const i8) -> [int8x16_t; N] {
+    let mut r = [vdupq_n_s8(0); N];
     for (k, v) in r.iter_mut().enumerate() {
-        // SAFETY: the caller guarantees 128 readable bytes at `q`; k < 8.
+        // SAFETY: the caller guarantees 16 · N readable bytes at `q`; k < N.
         *v = unsafe { vld1q_s8(q.add(16 * k)) };
     }
     r
 }
 
-/// `acc + Σ code·q` over one block with `smull`/`smlal` + `sadalp`.
+/// `acc + Σ code·q` over one block of `N` (even, ≤ 10) registers with `smull`/`smlal` +
+/// `sadalp`.
 #[inline]
 #[target_feature(enable = "neon")]
-fn block_dot_plain(acc: int32x4_t, c: &[int8x16_t; 8], q: &[int8x16_t; 8]) -> int32x4_t {
-    // Two i16 accumulators (even / odd registers), 8 products per lane each: |sum| <= 2048.
+fn block_dot_plain<const N: usize>(
+    acc: int32x4_t,
+    c: &[int8x16_t; N],
+    q: &[int8x16_t; N],
+) -> int32x4_t {
+    // Two i16 accumulators (even / odd registers), N products per lane each, every product
+    // of a code or digit (0..=2) with an int8: |sum| <= 10 · 256.
     let mut p0 = vmull_s8(vget_low_s8(c[0]), vget_low_s8(q[0]));
     let mut p1 = vmull_s8(vget_low_s8(c[1]), vget_low_s8(q[1]));
     p0 = vmlal_high_s8(p0, c[0], q[0]);
     p1 = vmlal_high_s8(p1, c[1], q[1]);
-    for k in (2..8).step_by(2) {
+    for k in (2..N).step_by(2) {
         p0 = vmlal_s8(p0, vget_low_s8(c[k]), vget_low_s8(q[k]));
         p1 = vmlal_s8(p1, vget_low_s8(c[k + 1]), vget_low_s8(q[k + 1]));
         p0 = vmlal_high_s8(p0, c[k], q[k]);
@@ -174,13 +183,17 @@ fn sdot(mut acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
     acc
 }
 
-/// `acc + Σ code·q` over one block with `sdot`.
+/// `acc + Σ code·q` over one block of `N` (even) registers with `sdot`.
 #[inline]
 #[target_feature(enable = "neon,dotprod")]
-fn block_dot_dotprod(acc: int32x4_t, c: &[int8x16_t; 8], q: &[int8x16_t; 8]) -> int32x4_t {
+fn block_dot_dotprod<const N: usize>(
+    acc: int32x4_t,
+    c: &[int8x16_t; N],
+    q: &[int8x16_t; N],
+) -> int32x4_t {
     let mut a0 = sdot(acc, c[0], q[0]);
     let mut a1 = sdot(vdupq_n_s32(0), c[1], q[1]);
-    for k in (2..8).step_by(2) {
+    for k in (2..N).step_by(2) {
         a0 = sdot(a0, c[k], q[k]);
         a1 = sdot(a1, c[k + 1], q[k + 1]);
     }
@@ -208,7 +221,7 @@ macro_rules! tq2_kernels {
             let mut acc = [vdupq_n_s32(0); 4];
             for b in 0..nb {
                 // SAFETY: b < nb: the block's activations are in bounds.
-                let qv = unsafe { load_q(q.add(b * BC)) };
+                let qv = unsafe { load_q::<8>(q.add(b * BC)) };
                 for (r, a) in acc.iter_mut().enumerate().take(R) {
                     // SAFETY: r < R, b < nb: the block lies inside the R rows at `w`.
                     let codes = unsafe { unpack(w.add(r * rb + b * BB)) };
@@ -269,7 +282,7 @@ macro_rules! tq2_kernels {
                 let codes = unsafe { unpack(w.add(b * BB)) };
                 for (t, a) in acc.iter_mut().enumerate().take(T) {
                     // SAFETY: t < T, b < nb: inside activation row t.
-                    let qv = unsafe { load_q(q.add(t * qs + b * BC)) };
+                    let qv = unsafe { load_q::<8>(q.add(t * qs + b * BC)) };
                     *a = $block_dot(*a, &codes, &qv);
                 }
             }
@@ -350,6 +363,237 @@ tq2_kernels!(
     gemv_rows_dotprod,
     gemm_tile_dotprod
 );
+
+// ---- TQ1 ---------------------------------------------------------------------------------
+//
+// A block is two 16-byte registers; digit i of byte j is block column j + 32i, so the digit
+// register k = 2i + half lines up with activations 16k..16k+16, as for TQ2. NEON has byte
+// multiplies and unsigned compares: m = byte · 3^i (mod 256) is one `mul`, and
+// digit = (3m) >> 8 = (m ≥ 86) + (m ≥ 171).
+
+/// The 10 digit registers (values 0..=2) of the TQ1 block at `w` (register `k` ↔ block
+/// columns `16k..16k+16`).
+///
+/// # Safety
+/// `w` readable for 32 bytes.
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn unpack_tq1(w: *const u8) -> [int8x16_t; 10] {
+    // SAFETY: the caller guarantees 32 readable bytes at `w`.
+    let (l, h) = unsafe { (vld1q_u8(w), vld1q_u8(w.add(16))) };
+    let (t1, t2) = (vdupq_n_u8(86), vdupq_n_u8(171));
+    // Each compare is 0 or 0xFF: the sum of their top bits is the digit.
+    let digit = |m: uint8x16_t| {
+        let (c1, c2) = (vcgeq_u8(m, t1), vcgeq_u8(m, t2));
+        vreinterpretq_s8_u8(vsraq_n_u8::<7>(vshrq_n_u8::<7>(c1), c2))
+    };
+    let mut d = [vdupq_n_s8(0); 10];
+    let mut power = 1u8;
+    for i in 0..5 {
+        let f = vdupq_n_u8(power);
+        d[2 * i] = digit(vmulq_u8(l, f));
+        d[2 * i + 1] = digit(vmulq_u8(h, f));
+        power = power.wrapping_mul(3);
+    }
+    d
+}
+
+macro_rules! tq1_kernels {
+    ($features:literal, $block_dot:ident, $gemv:ident, $gemm:ident, $rows:ident, $tile:ident) => {
+        /// `Σ digit·q` of `R ≤ 4` consecutive TQ1 rows at `w` with one activation row;
+        /// lanes `R..4` are 0.
+        ///
+        /// # Safety
+        /// `w` readable for `R · nb · 32` bytes, `q` for `nb · 160`; features available.
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn $rows<const R: usize>(w: *const u8, nb: usize, q: *const i8) -> int32x4_t {
+            let rb = nb * TQ1_BLOCK_BYTES;
+            let mut acc = [vdupq_n_s32(0); 4];
+            for b in 0..nb {
+                // SAFETY: b < nb: the block's activations are in bounds.
+                let qv = unsafe { load_q::<10>(q.add(b * TQ1_BLOCK_COLS)) };
+                for (r, a) in acc.iter_mut().enumerate().take(R) {
+                    // SAFETY: r < R, b < nb: the block lies inside the R rows at `w`.
+                    let d = unsafe { unpack_tq1(w.add(r * rb + b * TQ1_BLOCK_BYTES)) };
+                    *a = $block_dot(*a, &d, &qv);
+                }
+            }
+            hsum4(acc[0], acc[1], acc[2], acc[3])
+        }
+
+        /// NEON [`crate::kernels::Kernels::tq1_gemv`].
+        ///
+        /// # Safety
+        /// The CPU must support the features of this function's `target_feature`.
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn $gemv(w: &[u8], nb: usize, q: &[i8], q_sum: i32, out: &mut [i32]) {
+            check_tq1_gemv(w, nb, q, out);
+            let rows = out.len();
+            let rb = nb * TQ1_BLOCK_BYTES;
+            let (wp, qp) = (w.as_ptr(), q.as_ptr());
+            let bias = vdupq_n_s32(q_sum);
+            let mut r = 0;
+            while r + 4 <= rows {
+                // SAFETY: rows r..r+4 exist (w.len() == rows · rb), q has nb · 160 bytes.
+                let v = vsubq_s32(unsafe { $rows::<4>(wp.add(r * rb), nb, qp) }, bias);
+                // SAFETY: r + 4 <= out.len().
+                unsafe { vst1q_s32(out.as_mut_ptr().add(r), v) };
+                r += 4;
+            }
+            let left = rows - r;
+            if left > 0 {
+                // SAFETY: rows r..r+left exist; q has nb · 160 bytes.
+                let v = unsafe {
+                    match left {
+                        1 => $rows::<1>(wp.add(r * rb), nb, qp),
+                        2 => $rows::<2>(wp.add(r * rb), nb, qp),
+                        _ => $rows::<3>(wp.add(r * rb), nb, qp),
+                    }
+                };
+                let mut tmp = [0i32; 4];
+                // SAFETY: `tmp` has 4 i32.
+                unsafe { vst1q_s32(tmp.as_mut_ptr(), vsubq_s32(v, bias)) };
+                out[r..].copy_from_slice(&tmp[..left]);
+            }
+        }
+
+        /// `Σ digit·q` of one TQ1 row with `T ≤ 4` activation rows at `q` (stride `qs`),
+        /// each decoded block reused for all `T` tokens.
+        ///
+        /// # Safety
+        /// `w` readable for `nb · 32` bytes, `q` for `(T − 1) · qs + nb · 160`.
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn $tile<const T: usize>(
+            w: *const u8,
+            nb: usize,
+            q: *const i8,
+            qs: usize,
+        ) -> int32x4_t {
+            let mut acc = [vdupq_n_s32(0); 4];
+            for b in 0..nb {
+                // SAFETY: b < nb: the block is inside the row.
+                let d = unsafe { unpack_tq1(w.add(b * TQ1_BLOCK_BYTES)) };
+                for (t, a) in acc.iter_mut().enumerate().take(T) {
+                    // SAFETY: t < T, b < nb: the block's activations of token t.
+                    let qv = unsafe { load_q::<10>(q.add(t * qs + b * TQ1_BLOCK_COLS)) };
+                    *a = $block_dot(*a, &d, &qv);
+                }
+            }
+            hsum4(acc[0], acc[1], acc[2], acc[3])
+        }
+
+        /// NEON [`crate::kernels::Kernels::tq1_gemm`].
+        ///
+        /// # Safety
+        /// The CPU must support the features of this function's `target_feature`.
+        #[allow(clippy::too_many_arguments)]
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn $gemm(
+            w: &[u8],
+            nb: usize,
+            rows: usize,
+            q: &[i8],
+            q_stride: usize,
+            q_sums: &[i32],
+            n: usize,
+            out: &mut [i32],
+        ) {
+            check_tq1_gemm(w, nb, rows, q, q_stride, q_sums, n, out);
+            let rb = nb * TQ1_BLOCK_BYTES;
+            let chunk = gemm_chunk_rows(rb, rows);
+            let mut r0 = 0;
+            while r0 < rows {
+                let r1 = (r0 + chunk).min(rows);
+                let mut t0 = 0;
+                while t0 < n {
+                    let tn = (n - t0).min(4);
+                    for r in r0..r1 {
+                        // SAFETY: row r < rows and tokens t0..t0+tn < n exist (checked).
+                        let v = unsafe {
+                            let (wr, qt) = (w.as_ptr().add(r * rb), q.as_ptr().add(t0 * q_stride));
+                            match tn {
+                                1 => $tile::<1>(wr, nb, qt, q_stride),
+                                2 => $tile::<2>(wr, nb, qt, q_stride),
+                                3 => $tile::<3>(wr, nb, qt, q_stride),
+                                _ => $tile::<4>(wr, nb, qt, q_stride),
+                            }
+                        };
+                        let mut res = [0i32; 4];
+                        // SAFETY: `res` has 4 i32.
+                        unsafe { vst1q_s32(res.as_mut_ptr(), v) };
+                        for t in 0..tn {
+                            out[(t0 + t) * rows + r] = res[t] - q_sums[t0 + t];
+                        }
+                    }
+                    t0 += tn;
+                }
+                r0 = r1;
+            }
+        }
+    };
+}
+
+tq1_kernels!(
+    "neon",
+    block_dot_plain,
+    tq1_gemv,
+    tq1_gemm,
+    tq1_rows_plain,
+    tq1_tile_plain
+);
+tq1_kernels!(
+    "neon,dotprod",
+    block_dot_dotprod,
+    tq1_gemv_dotprod,
+    tq1_gemm_dotprod,
+    tq1_rows_dotprod,
+    tq1_tile_dotprod
+);
+
+// ---- Q8_ROW ------------------------------------------------------------------------------
+
+/// NEON [`crate::kernels::Kernels::q8_gemv`]: per row, int8 widened to f32 and multiplied
+/// into four f32x4 accumulators (16 columns per step), then times the row scale.
+///
+/// # Safety
+/// The CPU must support NEON.
+#[target_feature(enable = "neon")]
+pub(crate) unsafe fn q8_gemv(w: &[u8], cols: usize, x: &[f32], out: &mut [f32]) {
+    check_q8_gemv(w, cols, x, out);
+    let stride = q8_row_stride(cols);
+    let xp = x.as_ptr();
+    for (o, rec) in out.iter_mut().zip(w.chunks_exact(stride)) {
+        let scale = f32::from_le_bytes([rec[0], rec[1], rec[2], rec[3]]);
+        let qp = rec[4..].as_ptr() as *const i8;
+        let mut a = [vdupq_n_f32(0.0); 4];
+        let mut c = 0;
+        while c + 16 <= cols {
+            // SAFETY: c + 16 <= cols: inside the record's int8 values and `x`.
+            let v = unsafe { vld1q_s8(qp.add(c)) };
+            let (lo, hi) = (vmovl_s8(vget_low_s8(v)), vmovl_high_s8(v));
+            let f = [
+                vcvtq_f32_s32(vmovl_s16(vget_low_s16(lo))),
+                vcvtq_f32_s32(vmovl_high_s16(lo)),
+                vcvtq_f32_s32(vmovl_s16(vget_low_s16(hi))),
+                vcvtq_f32_s32(vmovl_high_s16(hi)),
+            ];
+            for (k, ak) in a.iter_mut().enumerate() {
+                // SAFETY: c + 4k + 4 <= cols == x.len().
+                *ak = vfmaq_f32(*ak, f[k], unsafe { vld1q_f32(xp.add(c + 4 * k)) });
+            }
+            c += 16;
+        }
+        let sum = vaddvq_f32(vaddq_f32(vaddq_f32(a[0], a[1]), vaddq_f32(a[2], a[3])));
+        let tail: f32 = rec[4 + c..4 + cols]
+            .iter()
+            .zip(&x[c..])
+            .map(|(&q, &xv)| f32::from(q as i8) * xv)
+            .sum();
+        *o = scale * (sum + tail);
+    }
+}
 
 // ---- dense GEMV --------------------------------------------------------------------------
 
