@@ -186,6 +186,35 @@ pub fn kernel_speeds(budget_bytes: usize) -> Vec<KernelSpeed> {
                 black_box(&acc);
             });
             out.push(speed("tq1_gemv", &k, rows, cols, mat1, secs));
+
+            // TQ1 prefill: 64 tokens, rows of the quantizer's stride (a multiple of 128).
+            let stride = (nb1 * tern_format::tq1::BLOCK_COLS).div_ceil(128) * 128;
+            let qs1: Vec<i8> = (0..n * stride)
+                .map(|i| {
+                    if i % stride < q1.len() {
+                        (i % 251) as i8
+                    } else {
+                        0
+                    }
+                })
+                .collect();
+            let sums1: Vec<i32> = qs1
+                .chunks_exact(stride)
+                .map(|r| r.iter().map(|&v| i32::from(v)).sum())
+                .collect();
+            let mats1 = if isa == Isa::Scalar {
+                1
+            } else {
+                copies1.min(8)
+            };
+            let secs = time_streaming(mats1, 1, |m| {
+                let w = &weights1[m * mat1..(m + 1) * mat1];
+                k.tq1_gemm(w, nb1, rows, &qs1, stride, &sums1, n, &mut outm);
+                black_box(&outm);
+            });
+            let mut gemm1 = speed("tq1_gemm x64", &k, rows, cols, mat1, secs);
+            gemm1.gops = Some((rows * cols * n) as f64 / secs / 1e9);
+            out.push(gemm1);
         }
 
         // The heads of 2B-4T: 128256 x 2560, bf16 (exact) and Q8_ROW (compact).
