@@ -1,5 +1,6 @@
 //! End-to-end tests: the `tern` binary and the library crates on the fixture checkpoints.
 
+mod bench;
 mod common;
 mod compact;
 mod convert;

@@ -89,12 +89,23 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let model = Model::load(&file)?;
     let kernels = model_args.kernels()?;
     let max_ctx = model.config.max_position_embeddings as usize;
-    let contexts: Vec<usize> = args
-        .contexts
-        .iter()
-        .copied()
-        .filter(|&c| c + args.decode < max_ctx.max(args.decode + 1) + 1)
-        .collect();
+    // A context too long for the model is measured at the longest that fits the decoded
+    // tokens (2B-4T: 4096 positions, so "4096" runs at 4096 − n − 1), and says so.
+    let limit = max_ctx.saturating_sub(args.decode + 1);
+    let mut contexts: Vec<usize> = Vec::new();
+    for &c in &args.contexts {
+        let fit = c.min(limit);
+        if fit != c {
+            eprintln!(
+                "note: context {c} measured at {fit}: the model has {max_ctx} positions and \
+                 {} tokens are decoded after the context",
+                args.decode
+            );
+        }
+        if !contexts.contains(&fit) {
+            contexts.push(fit);
+        }
+    }
     let threads = if args.threads.is_empty() {
         vec![model_args.pool().threads()]
     } else {
