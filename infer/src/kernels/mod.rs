@@ -512,6 +512,40 @@ pub(crate) fn gemm_chunk_rows(row_bytes: usize, rows: usize) -> usize {
     (16 * 1024 / row_bytes.max(1)).clamp(1, rows.max(1))
 }
 
+/// The loop every GEMM kernel shares: rows in chunks of [`gemm_chunk_rows`] and tokens in
+/// tiles of at most `tile` (≤ 8); `dot(r, t0, tn)` returns `Σ code·q` of row `r` with tokens
+/// `t0..t0 + tn` in its first `tn` lanes, and `out[t · rows + r]` gets that minus
+/// `q_sums[t]` (`Σ t·q = Σ code·q − Σ q`).
+#[allow(dead_code)] // unused on targets with no SIMD kernels
+#[inline(always)]
+pub(crate) fn gemm_tiles(
+    row_bytes: usize,
+    rows: usize,
+    n: usize,
+    tile: usize,
+    q_sums: &[i32],
+    out: &mut [i32],
+    mut dot: impl FnMut(usize, usize, usize) -> [i32; 8],
+) {
+    let chunk = gemm_chunk_rows(row_bytes, rows);
+    let mut r0 = 0;
+    while r0 < rows {
+        let r1 = (r0 + chunk).min(rows);
+        let mut t0 = 0;
+        while t0 < n {
+            let tn = (n - t0).min(tile);
+            for r in r0..r1 {
+                let res = dot(r, t0, tn);
+                for t in 0..tn {
+                    out[(t0 + t) * rows + r] = res[t] - q_sums[t0 + t];
+                }
+            }
+            t0 += tn;
+        }
+        r0 = r1;
+    }
+}
+
 // ---- precondition checks, shared by the public methods and every kernel ----------------
 
 #[inline]

@@ -16,8 +16,8 @@ use std::arch::asm;
 
 use crate::kernels::{
     check_dense, check_q8_gemv, check_quantize, check_tq1_gemm, check_tq1_gemv, check_tq2_gemm,
-    check_tq2_gemv, gemm_chunk_rows, q8_row_stride, scalar, QuantRow, TQ1_BLOCK_BYTES,
-    TQ1_BLOCK_COLS, TQ2_BLOCK_BYTES as BB, TQ2_BLOCK_COLS as BC,
+    check_tq2_gemv, gemm_tiles, q8_row_stride, scalar, QuantRow, TQ1_BLOCK_BYTES, TQ1_BLOCK_COLS,
+    TQ2_BLOCK_BYTES as BB, TQ2_BLOCK_COLS as BC,
 };
 
 // ---- quantization ------------------------------------------------------------------------
@@ -313,36 +313,19 @@ macro_rules! tq2_kernels {
             out: &mut [i32],
         ) {
             check_tq2_gemm(w, nb, rows, q, q_sums, n, out);
-            const TOK: usize = 4;
-            let rb = nb * BB;
-            let qs = nb * BC;
-            // Rows in chunks whose weights stay in L1/L2 while every token tile passes.
-            let chunk = gemm_chunk_rows(rb, rows);
-            let mut r0 = 0;
-            while r0 < rows {
-                let r1 = (r0 + chunk).min(rows);
-                let mut t0 = 0;
-                while t0 < n {
-                    let tn = (n - t0).min(TOK);
-                    for r in r0..r1 {
-                        // SAFETY: row r < rows and tokens t0..t0+tn < n exist (lengths checked).
-                        let res = unsafe {
-                            let (wr, qt) = (w.as_ptr().add(r * rb), q.as_ptr().add(t0 * qs));
-                            match tn {
-                                1 => $tile::<1>(wr, nb, qt),
-                                2 => $tile::<2>(wr, nb, qt),
-                                3 => $tile::<3>(wr, nb, qt),
-                                _ => $tile::<TOK>(wr, nb, qt),
-                            }
-                        };
-                        for t in 0..tn {
-                            out[(t0 + t) * rows + r] = res[t] - q_sums[t0 + t];
-                        }
+            let (rb, qs) = (nb * BB, nb * BC);
+            gemm_tiles(rb, rows, n, 4, q_sums, out, |r, t0, tn| {
+                // SAFETY: row r < rows and tokens t0..t0+tn < n exist (lengths checked).
+                unsafe {
+                    let (wr, qt) = (w.as_ptr().add(r * rb), q.as_ptr().add(t0 * qs));
+                    match tn {
+                        1 => $tile::<1>(wr, nb, qt),
+                        2 => $tile::<2>(wr, nb, qt),
+                        3 => $tile::<3>(wr, nb, qt),
+                        _ => $tile::<4>(wr, nb, qt),
                     }
-                    t0 += tn;
                 }
-                r0 = r1;
-            }
+            });
         }
     };
 }
@@ -502,35 +485,22 @@ macro_rules! tq1_kernels {
         ) {
             check_tq1_gemm(w, nb, rows, q, q_stride, q_sums, n, out);
             let rb = nb * TQ1_BLOCK_BYTES;
-            let chunk = gemm_chunk_rows(rb, rows);
-            let mut r0 = 0;
-            while r0 < rows {
-                let r1 = (r0 + chunk).min(rows);
-                let mut t0 = 0;
-                while t0 < n {
-                    let tn = (n - t0).min(4);
-                    for r in r0..r1 {
-                        // SAFETY: row r < rows and tokens t0..t0+tn < n exist (checked).
-                        let v = unsafe {
-                            let (wr, qt) = (w.as_ptr().add(r * rb), q.as_ptr().add(t0 * q_stride));
-                            match tn {
-                                1 => $tile::<1>(wr, nb, qt, q_stride),
-                                2 => $tile::<2>(wr, nb, qt, q_stride),
-                                3 => $tile::<3>(wr, nb, qt, q_stride),
-                                _ => $tile::<4>(wr, nb, qt, q_stride),
-                            }
-                        };
-                        let mut res = [0i32; 4];
-                        // SAFETY: `res` has 4 i32.
-                        unsafe { vst1q_s32(res.as_mut_ptr(), v) };
-                        for t in 0..tn {
-                            out[(t0 + t) * rows + r] = res[t] - q_sums[t0 + t];
-                        }
+            gemm_tiles(rb, rows, n, 4, q_sums, out, |r, t0, tn| {
+                // SAFETY: row r < rows and tokens t0..t0+tn < n exist (lengths checked).
+                let v = unsafe {
+                    let (wr, qt) = (w.as_ptr().add(r * rb), q.as_ptr().add(t0 * q_stride));
+                    match tn {
+                        1 => $tile::<1>(wr, nb, qt, q_stride),
+                        2 => $tile::<2>(wr, nb, qt, q_stride),
+                        3 => $tile::<3>(wr, nb, qt, q_stride),
+                        _ => $tile::<4>(wr, nb, qt, q_stride),
                     }
-                    t0 += tn;
-                }
-                r0 = r1;
-            }
+                };
+                let mut res = [0i32; 8];
+                // SAFETY: `res` has room for 4 i32.
+                unsafe { vst1q_s32(res.as_mut_ptr(), v) };
+                res
+            });
         }
     };
 }

@@ -19,8 +19,7 @@ macro_rules! avx512_kernels {
         use std::arch::x86_64::*;
 
         use crate::kernels::{
-            check_tq2_gemm, check_tq2_gemv, gemm_chunk_rows, TQ2_BLOCK_BYTES as BB,
-            TQ2_BLOCK_COLS as BC,
+            check_tq2_gemm, check_tq2_gemv, gemm_tiles, TQ2_BLOCK_BYTES as BB, TQ2_BLOCK_COLS as BC,
         };
 
         /// Adds the two 256-bit halves of `v`.
@@ -195,39 +194,23 @@ macro_rules! avx512_kernels {
             out: &mut [i32],
         ) {
             check_tq2_gemm(w, nb, rows, q, q_sums, n, out);
-            let rb = nb * BB;
-            let qs = nb * BC;
-            // Rows in chunks whose weights stay in L1/L2 while every token tile passes.
-            let chunk = gemm_chunk_rows(rb, rows);
-            let mut r0 = 0;
-            while r0 < rows {
-                let r1 = (r0 + chunk).min(rows);
-                let mut t0 = 0;
-                while t0 < n {
-                    let tn = (n - t0).min(GEMM_TOKENS);
-                    for r in r0..r1 {
-                        // SAFETY: row r < rows and tokens t0..t0+tn < n exist (lengths checked).
-                        let res = unsafe {
-                            let (wr, qt) = (w.as_ptr().add(r * rb), q.as_ptr().add(t0 * qs));
-                            match tn {
-                                1 => gemm_tile::<1>(wr, nb, qt),
-                                2 => gemm_tile::<2>(wr, nb, qt),
-                                3 => gemm_tile::<3>(wr, nb, qt),
-                                4 => gemm_tile::<4>(wr, nb, qt),
-                                5 => gemm_tile::<5>(wr, nb, qt),
-                                6 => gemm_tile::<6>(wr, nb, qt),
-                                7 => gemm_tile::<7>(wr, nb, qt),
-                                _ => gemm_tile::<GEMM_TOKENS>(wr, nb, qt),
-                            }
-                        };
-                        for t in 0..tn {
-                            out[(t0 + t) * rows + r] = res[t] - q_sums[t0 + t];
-                        }
+            let (rb, qs) = (nb * BB, nb * BC);
+            gemm_tiles(rb, rows, n, GEMM_TOKENS, q_sums, out, |r, t0, tn| {
+                // SAFETY: row r < rows and tokens t0..t0+tn < n exist (lengths checked).
+                unsafe {
+                    let (wr, qt) = (w.as_ptr().add(r * rb), q.as_ptr().add(t0 * qs));
+                    match tn {
+                        1 => gemm_tile::<1>(wr, nb, qt),
+                        2 => gemm_tile::<2>(wr, nb, qt),
+                        3 => gemm_tile::<3>(wr, nb, qt),
+                        4 => gemm_tile::<4>(wr, nb, qt),
+                        5 => gemm_tile::<5>(wr, nb, qt),
+                        6 => gemm_tile::<6>(wr, nb, qt),
+                        7 => gemm_tile::<7>(wr, nb, qt),
+                        _ => gemm_tile::<GEMM_TOKENS>(wr, nb, qt),
                     }
-                    t0 += tn;
                 }
-                r0 = r1;
-            }
+            });
         }
     };
 }
