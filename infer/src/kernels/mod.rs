@@ -512,6 +512,27 @@ pub(crate) fn gemm_chunk_rows(row_bytes: usize, rows: usize) -> usize {
     (16 * 1024 / row_bytes.max(1)).clamp(1, rows.max(1))
 }
 
+/// The loop every ternary GEMV kernel shares: rows in groups of four (one activation load
+/// serves four rows), then the one to three left; `dot(r, k)` returns `Σ code·q` of rows
+/// `r..r + k` in its first `k` lanes, and `out[r]` gets that minus `q_sum`.
+#[allow(dead_code)] // unused on targets with no SIMD kernels
+#[inline(always)]
+pub(crate) fn gemv_groups(
+    out: &mut [i32],
+    q_sum: i32,
+    mut dot: impl FnMut(usize, usize) -> [i32; 4],
+) {
+    let mut r = 0;
+    while r < out.len() {
+        let k = (out.len() - r).min(4);
+        let res = dot(r, k);
+        for (o, v) in out[r..r + k].iter_mut().zip(res) {
+            *o = v - q_sum;
+        }
+        r += k;
+    }
+}
+
 /// The loop every GEMM kernel shares: rows in chunks of [`gemm_chunk_rows`] and tokens in
 /// tiles of at most `tile` (≤ 8); `dot(r, t0, tn)` returns `Σ code·q` of row `r` with tokens
 /// `t0..t0 + tn` in its first `tn` lanes, and `out[t · rows + r]` gets that minus

@@ -16,8 +16,8 @@ use std::arch::asm;
 
 use crate::kernels::{
     check_dense, check_q8_gemv, check_quantize, check_tq1_gemm, check_tq1_gemv, check_tq2_gemm,
-    check_tq2_gemv, gemm_tiles, q8_row_stride, scalar, QuantRow, TQ1_BLOCK_BYTES, TQ1_BLOCK_COLS,
-    TQ2_BLOCK_BYTES as BB, TQ2_BLOCK_COLS as BC,
+    check_tq2_gemv, gemm_tiles, gemv_groups, q8_row_stride, scalar, QuantRow, TQ1_BLOCK_BYTES,
+    TQ1_BLOCK_COLS, TQ2_BLOCK_BYTES as BB, TQ2_BLOCK_COLS as BC,
 };
 
 // ---- quantization ------------------------------------------------------------------------
@@ -238,33 +238,24 @@ macro_rules! tq2_kernels {
         #[target_feature(enable = $features)]
         pub(crate) unsafe fn $gemv(w: &[u8], nb: usize, q: &[i8], q_sum: i32, out: &mut [i32]) {
             check_tq2_gemv(w, nb, q, out);
-            let rows = out.len();
             let rb = nb * BB;
             let (wp, qp) = (w.as_ptr(), q.as_ptr());
-            let bias = vdupq_n_s32(q_sum);
-            let mut r = 0;
-            while r + 4 <= rows {
-                // SAFETY: rows r..r+4 exist (w.len() == rows · rb), q has nb · 128 bytes.
-                let v = vsubq_s32(unsafe { $rows::<4>(wp.add(r * rb), nb, qp) }, bias);
-                // SAFETY: r + 4 <= out.len().
-                unsafe { vst1q_s32(out.as_mut_ptr().add(r), v) };
-                r += 4;
-            }
-            let left = rows - r;
-            if left > 0 {
-                // SAFETY: rows r..r+left exist; q has nb · 128 bytes.
+            gemv_groups(out, q_sum, |r, k| {
+                // SAFETY: rows r..r+k exist (w.len() == rows · rb), q has nb · 128 bytes.
                 let v = unsafe {
-                    match left {
-                        1 => $rows::<1>(wp.add(r * rb), nb, qp),
-                        2 => $rows::<2>(wp.add(r * rb), nb, qp),
-                        _ => $rows::<3>(wp.add(r * rb), nb, qp),
+                    let wr = wp.add(r * rb);
+                    match k {
+                        1 => $rows::<1>(wr, nb, qp),
+                        2 => $rows::<2>(wr, nb, qp),
+                        3 => $rows::<3>(wr, nb, qp),
+                        _ => $rows::<4>(wr, nb, qp),
                     }
                 };
-                let mut tmp = [0i32; 4];
-                // SAFETY: `tmp` has 4 i32.
-                unsafe { vst1q_s32(tmp.as_mut_ptr(), vsubq_s32(v, bias)) };
-                out[r..].copy_from_slice(&tmp[..left]);
-            }
+                let mut a = [0i32; 4];
+                // SAFETY: `a` has 4 i32.
+                unsafe { vst1q_s32(a.as_mut_ptr(), v) };
+                a
+            });
         }
 
         /// `Σ code·q` of one row (`nb` blocks at `w`) with `T ≤ 8` activation rows at `q`
@@ -412,33 +403,24 @@ macro_rules! tq1_kernels {
         #[target_feature(enable = $features)]
         pub(crate) unsafe fn $gemv(w: &[u8], nb: usize, q: &[i8], q_sum: i32, out: &mut [i32]) {
             check_tq1_gemv(w, nb, q, out);
-            let rows = out.len();
             let rb = nb * TQ1_BLOCK_BYTES;
             let (wp, qp) = (w.as_ptr(), q.as_ptr());
-            let bias = vdupq_n_s32(q_sum);
-            let mut r = 0;
-            while r + 4 <= rows {
-                // SAFETY: rows r..r+4 exist (w.len() == rows · rb), q has nb · 160 bytes.
-                let v = vsubq_s32(unsafe { $rows::<4>(wp.add(r * rb), nb, qp) }, bias);
-                // SAFETY: r + 4 <= out.len().
-                unsafe { vst1q_s32(out.as_mut_ptr().add(r), v) };
-                r += 4;
-            }
-            let left = rows - r;
-            if left > 0 {
-                // SAFETY: rows r..r+left exist; q has nb · 160 bytes.
+            gemv_groups(out, q_sum, |r, k| {
+                // SAFETY: rows r..r+k exist (w.len() == rows · rb), q has nb · 160 bytes.
                 let v = unsafe {
-                    match left {
-                        1 => $rows::<1>(wp.add(r * rb), nb, qp),
-                        2 => $rows::<2>(wp.add(r * rb), nb, qp),
-                        _ => $rows::<3>(wp.add(r * rb), nb, qp),
+                    let wr = wp.add(r * rb);
+                    match k {
+                        1 => $rows::<1>(wr, nb, qp),
+                        2 => $rows::<2>(wr, nb, qp),
+                        3 => $rows::<3>(wr, nb, qp),
+                        _ => $rows::<4>(wr, nb, qp),
                     }
                 };
-                let mut tmp = [0i32; 4];
-                // SAFETY: `tmp` has 4 i32.
-                unsafe { vst1q_s32(tmp.as_mut_ptr(), vsubq_s32(v, bias)) };
-                out[r..].copy_from_slice(&tmp[..left]);
-            }
+                let mut a = [0i32; 4];
+                // SAFETY: `a` has 4 i32.
+                unsafe { vst1q_s32(a.as_mut_ptr(), v) };
+                a
+            });
         }
 
         /// `Σ digit·q` of one TQ1 row with `T ≤ 4` activation rows at `q` (stride `qs`),

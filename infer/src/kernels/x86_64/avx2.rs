@@ -12,11 +12,21 @@ use std::arch::x86_64::*;
 
 use crate::kernels::{
     check_dense, check_q8_gemv, check_quantize, check_tq1_gemm, check_tq1_gemv, check_tq2_gemm,
-    check_tq2_gemv, gemm_tiles, q8_row_stride, scalar, QuantRow, TQ1_BLOCK_BYTES, TQ1_BLOCK_COLS,
-    TQ2_BLOCK_BYTES as BB, TQ2_BLOCK_COLS as BC,
+    check_tq2_gemv, gemm_tiles, gemv_groups, q8_row_stride, scalar, QuantRow, TQ1_BLOCK_BYTES,
+    TQ1_BLOCK_COLS, TQ2_BLOCK_BYTES as BB, TQ2_BLOCK_COLS as BC,
 };
 
 // ---- horizontal helpers ------------------------------------------------------------------
+
+/// The four i32 lanes of `v`.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn lanes(v: __m128i) -> [i32; 4] {
+    let mut a = [0i32; 4];
+    // SAFETY: `a` has 4 i32.
+    unsafe { _mm_storeu_si128(a.as_mut_ptr() as *mut __m128i, v) };
+    a
+}
 
 /// Sums each of four i32x8 vectors: `[Σa, Σb, Σc, Σd]`.
 #[inline]
@@ -255,33 +265,21 @@ unsafe fn gemv_rows<const R: usize>(w: *const u8, nb: usize, q: *const i8) -> __
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn tq2_gemv(w: &[u8], nb: usize, q: &[i8], q_sum: i32, out: &mut [i32]) {
     check_tq2_gemv(w, nb, q, out);
-    let rows = out.len();
     let rb = nb * BB;
     let (wp, qp) = (w.as_ptr(), q.as_ptr());
-    let bias = _mm_set1_epi32(q_sum);
-    let mut r = 0;
-    while r + 4 <= rows {
-        // SAFETY: rows r..r+4 exist (w.len() == rows · rb checked), q has nb · 128 bytes.
-        let v = _mm_sub_epi32(unsafe { gemv_rows::<4>(wp.add(r * rb), nb, qp) }, bias);
-        // SAFETY: r + 4 <= out.len().
-        unsafe { _mm_storeu_si128(out.as_mut_ptr().add(r) as *mut __m128i, v) };
-        r += 4;
-    }
-    let left = rows - r;
-    if left > 0 {
-        // SAFETY: rows r..r+left exist; q has nb · 128 bytes.
+    gemv_groups(out, q_sum, |r, k| {
+        // SAFETY: rows r..r+k exist (w.len() == rows · rb checked), q has nb · 128 bytes.
         let v = unsafe {
-            match left {
-                1 => gemv_rows::<1>(wp.add(r * rb), nb, qp),
-                2 => gemv_rows::<2>(wp.add(r * rb), nb, qp),
-                _ => gemv_rows::<3>(wp.add(r * rb), nb, qp),
+            let wr = wp.add(r * rb);
+            match k {
+                1 => gemv_rows::<1>(wr, nb, qp),
+                2 => gemv_rows::<2>(wr, nb, qp),
+                3 => gemv_rows::<3>(wr, nb, qp),
+                _ => gemv_rows::<4>(wr, nb, qp),
             }
         };
-        let mut tmp = [0i32; 4];
-        // SAFETY: `tmp` has 4 i32.
-        unsafe { _mm_storeu_si128(tmp.as_mut_ptr() as *mut __m128i, _mm_sub_epi32(v, bias)) };
-        out[r..].copy_from_slice(&tmp[..left]);
-    }
+        lanes(v)
+    });
 }
 
 /// `Σ code·q` of one row (`nb` blocks at `w`) with `T ≤ 8` activation rows starting at `q`
@@ -581,33 +579,21 @@ unsafe fn tq1_rows<const R: usize>(w: *const u8, nb: usize, q: *const i8) -> __m
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn tq1_gemv(w: &[u8], nb: usize, q: &[i8], q_sum: i32, out: &mut [i32]) {
     check_tq1_gemv(w, nb, q, out);
-    let rows = out.len();
     let rb = nb * TQ1_BLOCK_BYTES;
     let (wp, qp) = (w.as_ptr(), q.as_ptr());
-    let bias = _mm_set1_epi32(q_sum);
-    let mut r = 0;
-    while r + 4 <= rows {
-        // SAFETY: rows r..r+4 exist (w.len() == rows · rb checked), q has nb · 160 bytes.
-        let v = _mm_sub_epi32(unsafe { tq1_rows::<4>(wp.add(r * rb), nb, qp) }, bias);
-        // SAFETY: r + 4 <= out.len().
-        unsafe { _mm_storeu_si128(out.as_mut_ptr().add(r) as *mut __m128i, v) };
-        r += 4;
-    }
-    let left = rows - r;
-    if left > 0 {
-        // SAFETY: rows r..r+left exist; q has nb · 160 bytes.
+    gemv_groups(out, q_sum, |r, k| {
+        // SAFETY: rows r..r+k exist (w.len() == rows · rb checked), q has nb · 160 bytes.
         let v = unsafe {
-            match left {
-                1 => tq1_rows::<1>(wp.add(r * rb), nb, qp),
-                2 => tq1_rows::<2>(wp.add(r * rb), nb, qp),
-                _ => tq1_rows::<3>(wp.add(r * rb), nb, qp),
+            let wr = wp.add(r * rb);
+            match k {
+                1 => tq1_rows::<1>(wr, nb, qp),
+                2 => tq1_rows::<2>(wr, nb, qp),
+                3 => tq1_rows::<3>(wr, nb, qp),
+                _ => tq1_rows::<4>(wr, nb, qp),
             }
         };
-        let mut tmp = [0i32; 4];
-        // SAFETY: `tmp` has 4 i32.
-        unsafe { _mm_storeu_si128(tmp.as_mut_ptr() as *mut __m128i, _mm_sub_epi32(v, bias)) };
-        out[r..].copy_from_slice(&tmp[..left]);
-    }
+        lanes(v)
+    });
 }
 
 /// `Σ digit·q` of one TQ1 row (`nb` blocks at `w`) with `T ≤ 4` activation rows starting
@@ -688,10 +674,8 @@ pub(crate) unsafe fn tq1_gemm(
                 _ => tq1_gemm_tile::<4>(wr, nb, qt, q_stride),
             }
         };
-        let mut res = [0i32; 8];
-        // SAFETY: `res` has room for 4 i32.
-        unsafe { _mm_storeu_si128(res.as_mut_ptr() as *mut __m128i, v) };
-        res
+        let l = lanes(v);
+        [l[0], l[1], l[2], l[3], 0, 0, 0, 0]
     });
 }
 

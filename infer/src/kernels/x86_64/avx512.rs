@@ -19,7 +19,8 @@ macro_rules! avx512_kernels {
         use std::arch::x86_64::*;
 
         use crate::kernels::{
-            check_tq2_gemm, check_tq2_gemv, gemm_tiles, TQ2_BLOCK_BYTES as BB, TQ2_BLOCK_COLS as BC,
+            check_tq2_gemm, check_tq2_gemv, gemm_tiles, gemv_groups, TQ2_BLOCK_BYTES as BB,
+            TQ2_BLOCK_COLS as BC,
         };
 
         /// Adds the two 256-bit halves of `v`.
@@ -114,35 +115,24 @@ macro_rules! avx512_kernels {
         #[target_feature(enable = $features)]
         pub(crate) unsafe fn tq2_gemv(w: &[u8], nb: usize, q: &[i8], q_sum: i32, out: &mut [i32]) {
             check_tq2_gemv(w, nb, q, out);
-            let rows = out.len();
             let rb = nb * BB;
             let (wp, qp) = (w.as_ptr(), q.as_ptr());
-            let bias = _mm_set1_epi32(q_sum);
-            let mut r = 0;
-            while r + 4 <= rows {
-                // SAFETY: rows r..r+4 exist (w.len() == rows · rb), q has nb · 128 bytes.
-                let v = _mm_sub_epi32(unsafe { gemv_rows::<4>(wp.add(r * rb), nb, qp) }, bias);
-                // SAFETY: r + 4 <= out.len().
-                unsafe { _mm_storeu_si128(out.as_mut_ptr().add(r) as *mut __m128i, v) };
-                r += 4;
-            }
-            let left = rows - r;
-            if left > 0 {
-                // SAFETY: rows r..r+left exist; q has nb · 128 bytes.
+            gemv_groups(out, q_sum, |r, k| {
+                // SAFETY: rows r..r+k exist (w.len() == rows · rb), q has nb · 128 bytes.
                 let v = unsafe {
-                    match left {
-                        1 => gemv_rows::<1>(wp.add(r * rb), nb, qp),
-                        2 => gemv_rows::<2>(wp.add(r * rb), nb, qp),
-                        _ => gemv_rows::<3>(wp.add(r * rb), nb, qp),
+                    let wr = wp.add(r * rb);
+                    match k {
+                        1 => gemv_rows::<1>(wr, nb, qp),
+                        2 => gemv_rows::<2>(wr, nb, qp),
+                        3 => gemv_rows::<3>(wr, nb, qp),
+                        _ => gemv_rows::<4>(wr, nb, qp),
                     }
                 };
-                let mut tmp = [0i32; 4];
-                // SAFETY: `tmp` has 4 i32.
-                unsafe {
-                    _mm_storeu_si128(tmp.as_mut_ptr() as *mut __m128i, _mm_sub_epi32(v, bias))
-                };
-                out[r..].copy_from_slice(&tmp[..left]);
-            }
+                let mut a = [0i32; 4];
+                // SAFETY: `a` has 4 i32.
+                unsafe { _mm_storeu_si128(a.as_mut_ptr() as *mut __m128i, v) };
+                a
+            });
         }
 
         /// `Σ code·q` of one row (`nb` blocks at `w`) with `T ≤ 8` activation rows at `q`
