@@ -90,7 +90,7 @@ fn main() {
                 k.tq2_gemv(&mats[i], nb, &q, qr.sum, &mut out)
             });
             let par = |w: &[u8], out: &mut [i32]| {
-                pool.run_split(out, 4, |_, r, o| {
+                pool.run_chunks(out, 4, threads, |_, r, o| {
                     k.tq2_gemv(&w[r.start * rb..r.end * rb], nb, &q, qr.sum, o)
                 })
             };
@@ -150,7 +150,7 @@ fn main() {
         let k = Kernels::for_isa(isa).unwrap();
         let t1 = time(reps.min(7), 1, || k.bf16_gemv(&w, cols, &x, &mut out));
         let tn = time(reps.min(7), 1, || {
-            pool.run_split(&mut out, 4, |_, r, o| {
+            pool.run_chunks(&mut out, 4, threads, |_, r, o| {
                 k.bf16_gemv(&w[r.start * cols..r.end * cols], cols, &x, o)
             })
         });

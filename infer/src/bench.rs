@@ -103,8 +103,9 @@ pub struct KernelSpeed {
     pub gops: Option<f64>,
 }
 
-/// Seconds per pass of `run` over `copies` equal matrices of `mat` bytes, cycled `reps`
-/// times, so that each pass streams its weights from memory rather than a cache.
+/// Seconds per call of `run(m)`, with `m` cycling `reps` times through `0..copies` (the
+/// index of one of `copies` equal weight matrices, together larger than the caches, so that
+/// each call streams its weights from memory).
 fn time_streaming(copies: usize, reps: usize, mut run: impl FnMut(usize)) -> f64 {
     let start = Instant::now();
     for r in 0..reps * copies {

@@ -217,35 +217,13 @@ impl Pool {
         }
     }
 
-    /// Splits `out` with [`split_range`]`(out.len(), align, worker, n)` and runs
-    /// `f(worker, range, &mut out[range])` on every worker, in parallel: the safe way for workers to
-    /// write disjoint parts of one output (e.g. the rows of a GEMV, `align` = 4 rows).
-    /// Same panic and nesting behaviour as [`Pool::run`].
-    pub fn run_split<T, F>(&self, out: &mut [T], align: usize, f: F)
-    where
-        T: Send,
-        F: Fn(usize, Range<usize>, &mut [T]) + Sync,
-    {
-        let len = out.len();
-        let base = SendPtr(out.as_mut_ptr());
-        self.run(|i, n| {
-            let r = split_range(len, align, i, n);
-            let base = &base;
-            // SAFETY: `out` is exclusively borrowed for this call, `run` returns only after
-            // every worker finished, and the ranges of distinct workers are disjoint and
-            // inside `0..len` (split_range), so each slice is a unique borrow of its part.
-            // A nested/concurrent `run` runs the workers one after another, still disjoint.
-            let part = unsafe { std::slice::from_raw_parts_mut(base.0.add(r.start), r.len()) };
-            f(i, r, part);
-        });
-    }
-}
-
-impl Pool {
-    /// Like [`Pool::run_split`], but `out` is cut into `parts` pieces (with
-    /// [`split_range`]`(out.len(), align, c, parts)`) that the workers claim one at a time:
-    /// a worker slowed down by other load on its core ends up doing less of the work instead
-    /// of keeping the others waiting. `f` receives the index of the worker running it.
+    /// Cuts `out` into `parts` pieces ([`split_range`]`(out.len(), align, c, parts)`) and
+    /// runs `f(worker, range, &mut out[range])` for each, the workers claiming pieces one at
+    /// a time: the safe way for workers to write disjoint parts of one output (e.g. the rows
+    /// of a GEMV, `align` = 4 rows). With several pieces per worker, a worker slowed down by
+    /// other load on its core ends up doing less of the work instead of keeping the others
+    /// waiting. `f` receives the index of the worker running it. Same panic and nesting
+    /// behaviour as [`Pool::run`].
     pub fn run_chunks<T, F>(&self, out: &mut [T], align: usize, parts: usize, f: F)
     where
         T: Send,
@@ -272,9 +250,9 @@ impl Pool {
     }
 }
 
-/// A raw pointer that may be shared with the workers of one `run_split` call.
+/// A raw pointer that may be shared with the workers of one `run_chunks` call.
 struct SendPtr<T>(*mut T);
-// SAFETY: only used by `run_split`, which hands each worker a disjoint part; `T: Send`.
+// SAFETY: only used by `run_chunks`, which hands out disjoint parts; `T: Send`.
 unsafe impl<T: Send> Sync for SendPtr<T> {}
 
 impl Drop for Pool {
@@ -513,23 +491,6 @@ mod tests {
                 count.fetch_add(1, Relaxed);
             });
             assert_eq!(count.load(Relaxed), 3);
-        }
-    }
-
-    #[test]
-    fn run_split_writes_disjoint_parts() {
-        for threads in [1usize, 2, 3] {
-            let pool = Pool::new(threads);
-            for len in [0usize, 1, 7, 100, 1001] {
-                let mut out = vec![usize::MAX; len];
-                pool.run_split(&mut out, 4, |_, r, part| {
-                    assert_eq!(r.len(), part.len());
-                    for (k, v) in r.zip(part.iter_mut()) {
-                        *v = k * 3;
-                    }
-                });
-                assert!(out.iter().enumerate().all(|(k, &v)| v == k * 3));
-            }
         }
     }
 
