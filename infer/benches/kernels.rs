@@ -1,12 +1,13 @@
 //! Kernel throughput: `cargo bench -p tern-infer --bench kernels` (optionally followed by
-//! `-- quick` for fewer repetitions). Prints, for every ISA this CPU has: TQ2 GEMV weight
-//! bandwidth (cache-hot: one matrix; cold: cycling through matrices larger than the L3),
-//! single-threaded and on a `Pool` of `physical_cores()`, TQ2 GEMM (prefill) throughput,
-//! quantization time and bf16 GEMV bandwidth.
+//! `-- quick` for fewer repetitions). Prints, for every ISA this CPU has: TQ2 and TQ1 GEMV
+//! weight bandwidth (cache-hot: one matrix; cold: cycling through matrices larger than the
+//! L3), single-threaded and on a `Pool` of `physical_cores()`, TQ2 and TQ1 GEMM (prefill)
+//! throughput, quantization time and bf16 GEMV bandwidth.
 
 use std::hint::black_box;
 use std::time::Instant;
 
+use tern_format::tq1::pack_row as tq1_pack_row;
 use tern_format::tq2::pack_row as tq2_pack_row;
 use tern_infer::kernels::{Isa, Kernels};
 use tern_infer::pool::{physical_cores, Pool};
@@ -37,15 +38,21 @@ fn time(reps: usize, inner: usize, mut f: impl FnMut()) -> f64 {
     v[v.len() / 2]
 }
 
-fn tq2_matrix(rng: &mut Rng, rows: usize, cols: usize) -> Vec<u8> {
-    let rb = tern_format::tq2::row_bytes(cols as u64) as usize;
+/// The two ternary layouts: name, columns per block, bytes per block, row packer.
+type Pack = fn(&[i8], &mut [u8]);
+const LAYOUTS: [(&str, usize, usize, Pack); 2] = [
+    ("TQ2", 128, 32, tq2_pack_row),
+    ("TQ1", 160, 32, tq1_pack_row),
+];
+
+fn ternary_matrix(rng: &mut Rng, rows: usize, cols: usize, rb: usize, pack: Pack) -> Vec<u8> {
     let mut w = vec![0u8; rows * rb];
     let mut trits = vec![0i8; cols];
     for row in w.chunks_exact_mut(rb) {
         for t in trits.iter_mut() {
             *t = (rng.next() % 3) as i8 - 1;
         }
-        tq2_pack_row(&trits, row);
+        pack(&trits, row);
     }
     w
 }
@@ -64,34 +71,44 @@ fn main() {
     // (rows, cols): the BitNet-2B-4T FFN shapes (gate/up: 6912x2560, down: 2560x6912).
     let shapes = [(6912usize, 2560usize), (2560, 6912)];
     let cold_count = 24; // ≈ 106 MB of weights: larger than any L3 here
-    for &(rows, cols) in &shapes {
-        let nb = cols.div_ceil(128);
-        let rb = nb * 32;
+    for (&(rows, cols), &(layout, block_cols, block_bytes, pack)) in shapes
+        .iter()
+        .flat_map(|s| LAYOUTS.iter().map(move |l| (s, l)))
+    {
+        let nb = cols.div_ceil(block_cols);
+        let rb = nb * block_bytes;
         let mats: Vec<Vec<u8>> = (0..cold_count)
-            .map(|_| tq2_matrix(&mut rng, rows, cols))
+            .map(|_| ternary_matrix(&mut rng, rows, cols, rb, pack))
             .collect();
         let x: Vec<f32> = (0..cols)
             .map(|_| (rng.next() % 2001) as f32 / 1000.0 - 1.0)
             .collect();
         let bytes = (rows * rb) as f64;
-        println!("\nTQ2 {rows}x{cols} ({:.2} MB per matrix)", bytes / 1e6);
+        println!(
+            "\n{layout} {rows}x{cols} ({:.2} MB per matrix)",
+            bytes / 1e6
+        );
         for isa in Isa::all_available() {
             let k = Kernels::for_isa(isa).unwrap();
-            let mut q = vec![0i8; nb * 128];
+            let gemv = |w: &[u8], q: &[i8], q_sum: i32, out: &mut [i32]| match layout {
+                "TQ2" => k.tq2_gemv(w, nb, q, q_sum, out),
+                _ => k.tq1_gemv(w, nb, q, q_sum, out),
+            };
+            let mut q = vec![0i8; nb * block_cols];
             let qr = k.quantize_row(&x, &mut q);
             let t_q = time(reps, 200, || {
                 black_box(k.quantize_row(black_box(&x), &mut q));
             });
             let mut out = vec![0i32; rows];
-            let hot = time(reps, 20, || k.tq2_gemv(&mats[0], nb, &q, qr.sum, &mut out));
+            let hot = time(reps, 20, || gemv(&mats[0], &q, qr.sum, &mut out));
             let mut i = 0;
             let cold = time(reps, cold_count, || {
                 i = (i + 1) % cold_count;
-                k.tq2_gemv(&mats[i], nb, &q, qr.sum, &mut out)
+                gemv(&mats[i], &q, qr.sum, &mut out)
             });
             let par = |w: &[u8], out: &mut [i32]| {
                 pool.run_chunks(out, 4, threads, |_, r, o| {
-                    k.tq2_gemv(&w[r.start * rb..r.end * rb], nb, &q, qr.sum, o)
+                    gemv(&w[r.start * rb..r.end * rb], &q, qr.sum, o)
                 })
             };
             let hot_mt = time(reps, 20, || par(&mats[0], &mut out));
@@ -106,14 +123,17 @@ fn main() {
             let sums = vec![qr.sum; n];
             let mut outn = vec![0i32; n * rows];
             let t_gemm = time(reps.min(7), 1, || {
-                k.tq2_gemm(&mats[0], nb, rows, &qn, &sums, n, &mut outn)
+                let w = &mats[0];
+                match layout {
+                    "TQ2" => k.tq2_gemm(w, nb, rows, &qn, &sums, n, &mut outn),
+                    _ => k.tq1_gemm(w, nb, rows, &qn, q.len(), &sums, n, &mut outn),
+                }
             });
             let t_loop = time(reps.min(7), 1, || {
                 for t in 0..n {
-                    k.tq2_gemv(
+                    gemv(
                         &mats[0],
-                        nb,
-                        &qn[t * nb * 128..(t + 1) * nb * 128],
+                        &qn[t * q.len()..(t + 1) * q.len()],
                         sums[t],
                         &mut outn[t * rows..(t + 1) * rows],
                     )

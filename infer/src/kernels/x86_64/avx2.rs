@@ -500,27 +500,147 @@ dense_gemv!(f32_gemv, f32_rows, f32, load8_f32, |v: f32| v);
 // is 32 consecutive columns: `vpmaddubsw` with 32 activations as for TQ2 (|pair| ≤ 512,
 // five per block: |block| ≤ 2560, so FLUSH = 8 blocks stay below 32768 in i16).
 
+// The decode is written in `asm!` because, given intrinsics, LLVM rewrites the chain of
+// byte adds as byte multiplies by 9, 27 and 81 (which AVX2 lacks: five instructions each)
+// and spills the activations it hoisted: 59 instructions per block row instead of 39,
+// and this kernel is bound by instruction throughput (docs/performance.md).
+
+/// The constants of the decode, kept in registers across blocks.
+#[derive(Clone, Copy)]
+struct Tq1Consts {
+    bias: __m256i,
+    lo: __m256i,
+    hi: __m256i,
+    zero: __m256i,
+}
+
+impl Tq1Consts {
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn new() -> Self {
+        Self {
+            bias: _mm256_set1_epi8(-128),
+            lo: _mm256_set1_epi8(-43),
+            hi: _mm256_set1_epi8(42),
+            zero: _mm256_setzero_si256(),
+        }
+    }
+}
+
+/// One digit of `s` in `d`: `d = 0 − ((s > lo) + (s > hi))`, each compare being 0 or −1.
+macro_rules! tq1_digit {
+    ($d:literal) => {
+        concat!(
+            "vpcmpgtb ",
+            $d,
+            ", {s}, {lo}\n",
+            "vpcmpgtb {t}, {s}, {hi}\n",
+            "vpaddb ",
+            $d,
+            ", ",
+            $d,
+            ", {t}\n",
+            "vpsubb ",
+            $d,
+            ", {zero}, ",
+            $d,
+            "\n"
+        )
+    };
+}
+
+/// `s ← 3·s` (bytes, wrapping): the next digit moves to the top.
+macro_rules! tq1_times3 {
+    () => {
+        "vpaddb {t}, {s}, {s}\nvpaddb {s}, {t}, {s}\n"
+    };
+}
+
 /// The five digit vectors (values 0..=2) of the block at `w`.
 ///
 /// # Safety
 /// `w` readable for 32 bytes; AVX2 available.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn unpack_tq1(w: *const u8) -> [__m256i; 5] {
-    // SAFETY: the caller guarantees 32 readable bytes at `w`.
-    let v = unsafe { _mm256_loadu_si256(w as *const __m256i) };
-    let (lo, hi) = (_mm256_set1_epi8(-43), _mm256_set1_epi8(42));
-    let mut s = _mm256_xor_si256(v, _mm256_set1_epi8(-128));
-    let mut d = [_mm256_setzero_si256(); 5];
-    for (i, di) in d.iter_mut().enumerate() {
-        if i > 0 {
-            s = _mm256_add_epi8(_mm256_add_epi8(s, s), s);
-        }
-        // Each compare is 0 or −1: their sum is −digit.
-        let neg = _mm256_add_epi8(_mm256_cmpgt_epi8(s, lo), _mm256_cmpgt_epi8(s, hi));
-        *di = _mm256_sub_epi8(_mm256_setzero_si256(), neg);
+unsafe fn unpack_tq1(w: *const u8, k: Tq1Consts) -> [__m256i; 5] {
+    let (d0, d1, d2, d3, d4): (__m256i, __m256i, __m256i, __m256i, __m256i);
+    // SAFETY: reads the 32 bytes at `w`, which the caller guarantees; registers only.
+    unsafe {
+        std::arch::asm!(
+            "vpxor {s}, {bias}, ymmword ptr [{w}]",
+            tq1_digit!("{d0}"),
+            tq1_times3!(),
+            tq1_digit!("{d1}"),
+            tq1_times3!(),
+            tq1_digit!("{d2}"),
+            tq1_times3!(),
+            tq1_digit!("{d3}"),
+            tq1_times3!(),
+            tq1_digit!("{d4}"),
+            w = in(reg) w,
+            bias = in(ymm_reg) k.bias,
+            lo = in(ymm_reg) k.lo,
+            hi = in(ymm_reg) k.hi,
+            zero = in(ymm_reg) k.zero,
+            s = out(ymm_reg) _,
+            t = out(ymm_reg) _,
+            d0 = out(ymm_reg) d0,
+            d1 = out(ymm_reg) d1,
+            d2 = out(ymm_reg) d2,
+            d3 = out(ymm_reg) d3,
+            d4 = out(ymm_reg) d4,
+            options(pure, readonly, nostack, preserves_flags),
+        );
     }
-    d
+    [d0, d1, d2, d3, d4]
+}
+
+/// `acc16 + Σ digit·q` over the block at `w` and its 160 activations at `q`, in i16 lanes;
+/// the activations are read as memory operands, so nothing is hoisted or spilled.
+///
+/// # Safety
+/// `w` readable for 32 bytes, `q` for 160; AVX2 available.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn tq1_block_dot16(acc16: __m256i, w: *const u8, q: *const i8, k: Tq1Consts) -> __m256i {
+    let mut acc = acc16;
+    // SAFETY: reads the 32 bytes at `w` and 160 at `q`, which the caller guarantees.
+    unsafe {
+        std::arch::asm!(
+            "vpxor {s}, {bias}, ymmword ptr [{w}]",
+            tq1_digit!("{d}"),
+            "vpmaddubsw {d}, {d}, ymmword ptr [{q}]",
+            "vpaddw {acc}, {acc}, {d}",
+            tq1_times3!(),
+            tq1_digit!("{d}"),
+            "vpmaddubsw {d}, {d}, ymmword ptr [{q} + 32]",
+            "vpaddw {acc}, {acc}, {d}",
+            tq1_times3!(),
+            tq1_digit!("{d}"),
+            "vpmaddubsw {d}, {d}, ymmword ptr [{q} + 64]",
+            "vpaddw {acc}, {acc}, {d}",
+            tq1_times3!(),
+            tq1_digit!("{d}"),
+            "vpmaddubsw {d}, {d}, ymmword ptr [{q} + 96]",
+            "vpaddw {acc}, {acc}, {d}",
+            tq1_times3!(),
+            tq1_digit!("{d}"),
+            "vpmaddubsw {d}, {d}, ymmword ptr [{q} + 128]",
+            "vpaddw {acc}, {acc}, {d}",
+            w = in(reg) w,
+            q = in(reg) q,
+            acc = inout(ymm_reg) acc,
+            bias = in(ymm_reg) k.bias,
+            lo = in(ymm_reg) k.lo,
+            hi = in(ymm_reg) k.hi,
+            zero = in(ymm_reg) k.zero,
+            s = out(ymm_reg) _,
+            t = out(ymm_reg) _,
+            d = out(ymm_reg) _,
+            options(pure, readonly, nostack, preserves_flags),
+        );
+    }
+    acc
 }
 
 /// `Σ digit·q` of `R ≤ 4` consecutive TQ1 rows (at `w`, `nb` blocks each) with one
@@ -532,6 +652,7 @@ unsafe fn unpack_tq1(w: *const u8) -> [__m256i; 5] {
 #[target_feature(enable = "avx2")]
 unsafe fn tq1_rows<const R: usize>(w: *const u8, nb: usize, q: *const i8) -> __m128i {
     let rb = nb * TQ1_BLOCK_BYTES;
+    let k = Tq1Consts::new();
     let mut acc = [_mm256_setzero_si256(); 4];
     let pf = w.wrapping_add(4 * rb); // the next row group, as in `gemv_rows`
     let mut b0 = 0;
@@ -542,26 +663,10 @@ unsafe fn tq1_rows<const R: usize>(w: *const u8, nb: usize, q: *const i8) -> __m
             _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(b * 128) as *const i8);
             _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(b * 128 + 64) as *const i8);
             let qb = q.wrapping_add(b * TQ1_BLOCK_COLS);
-            // SAFETY: b < nb: the block's 160 activations are in bounds.
-            let qv: [__m256i; 5] = std::array::from_fn(|i| unsafe {
-                _mm256_loadu_si256(qb.add(32 * i) as *const __m256i)
-            });
             for (r, a) in acc16.iter_mut().enumerate().take(R) {
-                // SAFETY: r < R and b < nb: the block lies inside the R rows at `w`.
-                let d = unsafe { unpack_tq1(w.add(r * rb + b * TQ1_BLOCK_BYTES)) };
-                let p01 = _mm256_add_epi16(
-                    _mm256_maddubs_epi16(d[0], qv[0]),
-                    _mm256_maddubs_epi16(d[1], qv[1]),
-                );
-                let p23 = _mm256_add_epi16(
-                    _mm256_maddubs_epi16(d[2], qv[2]),
-                    _mm256_maddubs_epi16(d[3], qv[3]),
-                );
-                let p = _mm256_add_epi16(
-                    _mm256_add_epi16(p01, p23),
-                    _mm256_maddubs_epi16(d[4], qv[4]),
-                );
-                *a = _mm256_add_epi16(*a, p);
+                // SAFETY: r < R and b < nb: the block lies inside the R rows at `w`, and
+                // its 160 activations inside `q`.
+                *a = unsafe { tq1_block_dot16(*a, w.add(r * rb + b * TQ1_BLOCK_BYTES), qb, k) };
             }
         }
         for (a, a16) in acc.iter_mut().zip(acc16).take(R) {
@@ -609,6 +714,7 @@ unsafe fn tq1_gemm_tile<const T: usize>(
     q: *const i8,
     qs: usize,
 ) -> __m128i {
+    let k = Tq1Consts::new();
     let mut acc = [_mm256_setzero_si256(); 4];
     let mut b0 = 0;
     while b0 < nb {
@@ -616,7 +722,7 @@ unsafe fn tq1_gemm_tile<const T: usize>(
         let mut acc16 = [_mm256_setzero_si256(); 4];
         for b in b0..b1 {
             // SAFETY: b < nb: the block is inside the row.
-            let d = unsafe { unpack_tq1(w.add(b * TQ1_BLOCK_BYTES)) };
+            let d = unsafe { unpack_tq1(w.add(b * TQ1_BLOCK_BYTES), k) };
             for (t, a) in acc16.iter_mut().enumerate().take(T) {
                 let qb = q.wrapping_add(t * qs + b * TQ1_BLOCK_COLS);
                 // SAFETY: t < T and b < nb: the block's 160 activations of token t.
