@@ -315,8 +315,10 @@ pub struct State {
     qstride: usize,
     qrows: Vec<QuantRow>,
     qsums: Vec<i32>,
+    /// Products of the last matrix call, `[rows, n]` in pieces (see `bitlinear`).
     acc: Vec<i32>,
-    scratch: Vec<Mutex<Vec<i32>>>,
+    /// Rotary `(sin, cos)` of the batch's positions, `[batch, head_dim / 2]`.
+    angles: Vec<(f32, f32)>,
     /// Logits, `[batch or 1, vocab]`.
     pub logits: Vec<f32>,
 }
@@ -367,9 +369,7 @@ impl State {
             qrows: vec![QuantRow { scale: 0.0, sum: 0 }; b],
             qsums: vec![0; b],
             acc: vec![0; b * rows],
-            scratch: (0..pool.threads())
-                .map(|_| Mutex::new(vec![0; b * rows]))
-                .collect(),
+            angles: Vec::with_capacity(b * model.inv_freq.len()),
             logits: vec![0.0; b * vocab],
         }
     }
@@ -389,12 +389,12 @@ pub fn rms_norm(x: &mut [f32], weight: &[f32], eps: f32) {
     }
 }
 
-/// Rotates one head in place. rotate_half (Hugging Face): element j pairs with j + d/2;
-/// interleaved (Meta): 2j with 2j + 1.
-fn rope(head: &mut [f32], pos: usize, inv_freq: &[f32], style: RopeStyle) {
+/// Rotates one head in place by the angles of its position (`(sin, cos)` per frequency).
+/// rotate_half (Hugging Face): element j pairs with j + d/2; interleaved (Meta): 2j with
+/// 2j + 1.
+fn rope(head: &mut [f32], angles: &[(f32, f32)], style: RopeStyle) {
     let half = head.len() / 2;
-    for (i, &f) in inv_freq.iter().enumerate() {
-        let (sin, cos) = (pos as f32 * f).sin_cos();
+    for (i, &(sin, cos)) in angles.iter().enumerate() {
         let (ia, ib) = match style {
             RopeStyle::RotateHalf => (i, i + half),
             RopeStyle::Interleaved => (2 * i, 2 * i + 1),
@@ -415,6 +415,10 @@ fn par_rows<T: Send>(
     align: usize,
     f: impl Fn(usize, std::ops::Range<usize>, &mut [T]) + Sync,
 ) {
+    if rows <= align {
+        f(0, 0..rows, &mut out[..rows * row_len]); // one piece: not worth waking the workers
+        return;
+    }
     // Several pieces per worker, claimed as workers become free (see `Pool::run_chunks`).
     let parts = if pool.threads() > 1 {
         4 * pool.threads()
@@ -472,54 +476,48 @@ impl State {
         }
         let kernels = self.kernels;
         let (qact, qsums) = (&self.qact[..n * padded], &self.qsums[..n]);
-        let act_len = w.act_len();
         let row_bytes = w.row_bytes();
-        if n == 1 {
-            let qt = &qact[..act_len];
-            par_rows(pool, &mut self.acc, w.rows, 1, 4, |_, r, acc| {
-                let rw = &w.data[r.start * row_bytes..r.end * row_bytes];
-                match w.layout {
-                    Layout::Tq1 => kernels.tq1_gemv(rw, w.blocks, qt, qsums[0], acc),
-                    _ => kernels.tq2_gemv(rw, w.blocks, qt, qsums[0], acc),
-                }
-            });
+        // Rows are cut into pieces of whole 4-row groups, claimed by the workers as they
+        // become free; piece `c` (rows `rc`) holds its products as `[n, rc.len()]` in
+        // `acc[n · rc.start..n · rc.end]`, i.e. `acc` is `[rows, n]` in pieces.
+        let parts = if pool.threads() > 1 {
+            4 * pool.threads()
         } else {
-            // Each worker multiplies its rows with all n tokens into its own scratch
-            // ([n, its rows]), then the parts are interleaved into acc ([n, rows]).
-            let scratch = &self.scratch;
-            pool.run(|worker, workers| {
-                let r = split_range(w.rows, 4, worker, workers);
-                if r.is_empty() {
-                    return;
+            1
+        };
+        let piece_rows = |c: usize| {
+            let r = split_range(n * w.rows, 4 * n, c, parts);
+            r.start / n..r.end / n
+        };
+        pool.run_chunks(&mut self.acc[..n * w.rows], 4 * n, parts, |_, r, part| {
+            let rw = &w.data[r.start / n * row_bytes..r.end / n * row_bytes];
+            let rows = r.len() / n;
+            let q1 = &qact[..w.act_len()]; // one token: the GEMV reads exactly act_len
+            match (w.layout, n) {
+                (Layout::Tq1, 1) => kernels.tq1_gemv(rw, w.blocks, q1, qsums[0], part),
+                (Layout::Tq1, _) => {
+                    kernels.tq1_gemm(rw, w.blocks, rows, qact, padded, qsums, n, part)
                 }
-                let mut s = scratch[worker].lock().expect("no poisoned scratch");
-                let part = &mut s[..n * r.len()];
-                let rw = &w.data[r.start * row_bytes..r.end * row_bytes];
-                match w.layout {
-                    Layout::Tq1 => {
-                        kernels.tq1_gemm(rw, w.blocks, r.len(), qact, padded, qsums, n, part)
+                (_, 1) => kernels.tq2_gemv(rw, w.blocks, q1, qsums[0], part),
+                _ => kernels.tq2_gemm(rw, w.blocks, rows, qact, qsums, n, part),
+            }
+        });
+        // out[t, r] = acc / s_t · scale, gathering each token's row from the pieces.
+        let (acc, qrows) = (&self.acc, &self.qrows);
+        let dequantize = |tokens: std::ops::Range<usize>, out: &mut [f32]| {
+            for (t, o) in tokens.zip(out.chunks_exact_mut(w.rows)) {
+                let s = qrows[t].scale;
+                for c in 0..parts {
+                    let rc = piece_rows(c);
+                    let len = rc.len();
+                    let a = &acc[n * rc.start + t * len..n * rc.start + (t + 1) * len];
+                    for (o, &a) in o[rc].iter_mut().zip(a) {
+                        *o = a as f32 / s * w.scale;
                     }
-                    _ => kernels.tq2_gemm(rw, w.blocks, r.len(), qact, qsums, n, part),
-                }
-            });
-            for worker in 0..pool.threads() {
-                let r = split_range(w.rows, 4, worker, pool.threads());
-                let s = self.scratch[worker].lock().expect("no poisoned scratch");
-                for t in 0..n {
-                    self.acc[t * w.rows + r.start..t * w.rows + r.end]
-                        .copy_from_slice(&s[t * r.len()..(t + 1) * r.len()]);
                 }
             }
-        }
-        for t in 0..n {
-            let s = self.qrows[t].scale;
-            for (o, &a) in out[t * w.rows..(t + 1) * w.rows]
-                .iter_mut()
-                .zip(&self.acc[t * w.rows..(t + 1) * w.rows])
-            {
-                *o = a as f32 / s * w.scale;
-            }
-        }
+        };
+        par_rows(pool, out, n, w.rows, 1, |_, t, out| dequantize(t, out));
     }
 }
 
@@ -587,14 +585,28 @@ impl Model<'_> {
         for (t, &tok) in tokens.iter().enumerate() {
             self.embed.row_f32(tok as usize, &mut x[t * h..(t + 1) * h]);
         }
+        // Rotary angles of the batch's positions, shared by every head and layer.
+        let mut angles = std::mem::take(&mut st.angles);
+        angles.clear();
+        for t in 0..n {
+            let pos = (pos0 + t) as f32;
+            angles.extend(self.inv_freq.iter().map(|f| (pos * f).sin_cos()));
+        }
+        let half = self.inv_freq.len();
+        // xn[t] = rms_norm(x[t]) for every token, the tokens split among the workers.
+        let normed = |xn: &mut [f32], x: &[f32], weight: &[f32]| {
+            par_rows(pool, xn, n, h, 1, |_, ts, xn| {
+                for (t, row) in ts.zip(xn.chunks_exact_mut(h)) {
+                    row.copy_from_slice(&x[t * h..(t + 1) * h]);
+                    rms_norm(row, weight, eps);
+                }
+            });
+        };
         for (l, layer) in self.layers.iter().enumerate() {
             probe.hidden(l, &x[..n * h]);
             // Attention block.
             let mut xn = std::mem::take(&mut st.xn);
-            for t in 0..n {
-                xn[t * h..(t + 1) * h].copy_from_slice(&x[t * h..(t + 1) * h]);
-                rms_norm(&mut xn[t * h..(t + 1) * h], &layer.input_norm, eps);
-            }
+            normed(&mut xn, &x, &layer.input_norm);
             st.quantize(&xn, n, h, layer.q.act_stride());
             st.probe(probe, l, Site::Attention, n);
             let (mut q, mut k, mut v) = (
@@ -606,11 +618,12 @@ impl Model<'_> {
             st.bitlinear(pool, &layer.k, n, &mut k, &xn, h);
             st.bitlinear(pool, &layer.v, n, &mut v, &xn, h);
             for t in 0..n {
+                let at = &angles[t * half..(t + 1) * half];
                 for head in q[t * attn..(t + 1) * attn].chunks_exact_mut(d) {
-                    rope(head, pos0 + t, &self.inv_freq, c.rope_style);
+                    rope(head, at, c.rope_style);
                 }
                 for head in k[t * kv..(t + 1) * kv].chunks_exact_mut(d) {
-                    rope(head, pos0 + t, &self.inv_freq, c.rope_style);
+                    rope(head, at, c.rope_style);
                 }
                 let at = (l * st.ctx + pos0 + t) * kv;
                 st.key_cache[at..at + kv].copy_from_slice(&k[t * kv..(t + 1) * kv]);
@@ -620,9 +633,11 @@ impl Model<'_> {
             self.attention(pool, st, l, &q, n, &mut att_out);
             (st.q, st.k, st.v) = (q, k, v);
             if let Some(w) = &layer.attn_sub_norm {
-                for row in att_out[..n * attn].chunks_exact_mut(attn) {
-                    rms_norm(row, w, eps);
-                }
+                par_rows(pool, &mut att_out, n, attn, 1, |_, _, rows| {
+                    for row in rows.chunks_exact_mut(attn) {
+                        rms_norm(row, w, eps);
+                    }
+                });
             }
             st.quantize(&att_out, n, attn, layer.o.act_stride());
             st.probe(probe, l, Site::AttentionOutput, n);
@@ -633,30 +648,29 @@ impl Model<'_> {
             }
 
             // MLP block.
-            for t in 0..n {
-                xn[t * h..(t + 1) * h].copy_from_slice(&x[t * h..(t + 1) * h]);
-                rms_norm(&mut xn[t * h..(t + 1) * h], &layer.post_attn_norm, eps);
-            }
+            normed(&mut xn, &x, &layer.post_attn_norm);
             st.quantize(&xn, n, h, layer.gate.act_stride());
             st.probe(probe, l, Site::Mlp, n);
             let (mut gate, mut up) = (std::mem::take(&mut st.gate), std::mem::take(&mut st.up));
             st.bitlinear(pool, &layer.gate, n, &mut gate, &xn, h);
             st.bitlinear(pool, &layer.up, n, &mut up, &xn, h);
-            for (g, u) in gate[..n * inter].iter_mut().zip(&up[..n * inter]) {
-                let a = match c.activation {
-                    Activation::Relu2 => {
-                        let r = g.max(0.0);
-                        r * r
+            par_rows(pool, &mut gate, n, inter, 1, |_, ts, rows| {
+                for (row, t) in rows.chunks_exact_mut(inter).zip(ts) {
+                    for (g, u) in row.iter_mut().zip(&up[t * inter..(t + 1) * inter]) {
+                        let a = match c.activation {
+                            Activation::Relu2 => {
+                                let r = g.max(0.0);
+                                r * r
+                            }
+                            Activation::Silu => *g / (1.0 + (-*g).exp()),
+                        };
+                        *g = a * u;
                     }
-                    Activation::Silu => *g / (1.0 + (-*g).exp()),
-                };
-                *g = a * u;
-            }
-            if let Some(w) = &layer.ffn_sub_norm {
-                for row in gate[..n * inter].chunks_exact_mut(inter) {
-                    rms_norm(row, w, eps);
+                    if let Some(w) = &layer.ffn_sub_norm {
+                        rms_norm(row, w, eps);
+                    }
                 }
-            }
+            });
             st.quantize(&gate, n, inter, layer.down.act_stride());
             st.probe(probe, l, Site::MlpOutput, n);
             st.bitlinear(pool, &layer.down, n, &mut xn, &gate, inter);
@@ -666,6 +680,7 @@ impl Model<'_> {
             }
             st.xn = xn;
         }
+        st.angles = angles;
         for row in x[..n * h].chunks_exact_mut(h) {
             rms_norm(row, &self.final_norm, eps);
         }
