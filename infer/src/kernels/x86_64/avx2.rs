@@ -701,7 +701,7 @@ pub(crate) unsafe fn tq1_gemv(w: &[u8], nb: usize, q: &[i8], q_sum: i32, out: &m
     });
 }
 
-/// `Σ digit·q` of one TQ1 row (`nb` blocks at `w`) with `T ≤ 4` activation rows starting
+/// `Σ digit·q` of one TQ1 row (`nb` blocks at `w`) with `T ≤ 8` activation rows starting
 /// at `q` (stride `qs`): each block is decoded once and used for all `T` tokens.
 ///
 /// # Safety
@@ -713,13 +713,13 @@ unsafe fn tq1_gemm_tile<const T: usize>(
     nb: usize,
     q: *const i8,
     qs: usize,
-) -> __m128i {
+) -> [i32; 8] {
     let k = Tq1Consts::new();
-    let mut acc = [_mm256_setzero_si256(); 4];
+    let mut acc = [_mm256_setzero_si256(); 8];
     let mut b0 = 0;
     while b0 < nb {
         let b1 = (b0 + FLUSH).min(nb);
-        let mut acc16 = [_mm256_setzero_si256(); 4];
+        let mut acc16 = [_mm256_setzero_si256(); 8];
         for b in b0..b1 {
             // SAFETY: b < nb: the block is inside the row.
             let d = unsafe { unpack_tq1(w.add(b * TQ1_BLOCK_BYTES), k) };
@@ -747,11 +747,15 @@ unsafe fn tq1_gemm_tile<const T: usize>(
         }
         b0 = b1;
     }
-    hsum4_epi32(acc[0], acc[1], acc[2], acc[3])
+    let (lo, hi) = (
+        lanes(hsum4_epi32(acc[0], acc[1], acc[2], acc[3])),
+        lanes(hsum4_epi32(acc[4], acc[5], acc[6], acc[7])),
+    );
+    [lo[0], lo[1], lo[2], lo[3], hi[0], hi[1], hi[2], hi[3]]
 }
 
 /// AVX2 [`crate::kernels::Kernels::tq1_gemm`]: rows in cache-sized chunks, tokens in tiles
-/// of four, as in [`tq2_gemm`].
+/// of eight (TQ1's decode costs more than TQ2's, so it is shared by more tokens).
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
@@ -769,19 +773,21 @@ pub(crate) unsafe fn tq1_gemm(
 ) {
     check_tq1_gemm(w, nb, rows, q, q_stride, q_sums, n, out);
     let rb = nb * TQ1_BLOCK_BYTES;
-    gemm_tiles(rb, rows, n, 4, q_sums, out, |r, t0, tn| {
+    gemm_tiles(rb, rows, n, 8, q_sums, out, |r, t0, tn| {
         // SAFETY: row r < rows and tokens t0..t0+tn < n exist (lengths checked above).
-        let v = unsafe {
+        unsafe {
             let (wr, qt) = (w.as_ptr().add(r * rb), q.as_ptr().add(t0 * q_stride));
             match tn {
                 1 => tq1_gemm_tile::<1>(wr, nb, qt, q_stride),
                 2 => tq1_gemm_tile::<2>(wr, nb, qt, q_stride),
                 3 => tq1_gemm_tile::<3>(wr, nb, qt, q_stride),
-                _ => tq1_gemm_tile::<4>(wr, nb, qt, q_stride),
+                4 => tq1_gemm_tile::<4>(wr, nb, qt, q_stride),
+                5 => tq1_gemm_tile::<5>(wr, nb, qt, q_stride),
+                6 => tq1_gemm_tile::<6>(wr, nb, qt, q_stride),
+                7 => tq1_gemm_tile::<7>(wr, nb, qt, q_stride),
+                _ => tq1_gemm_tile::<8>(wr, nb, qt, q_stride),
             }
-        };
-        let l = lanes(v);
-        [l[0], l[1], l[2], l[3], 0, 0, 0, 0]
+        }
     });
 }
 
