@@ -52,6 +52,7 @@ fn bench_json_reports_every_measurement_and_fits_contexts_to_the_model() {
             p["max"].as_f64().unwrap(),
         );
         assert!(0.0 < min && min <= med && med <= max, "{p}");
+        assert!(run["prefill_over_decode"].as_f64().unwrap() > 0.0);
         let decode = run["decode"].as_array().unwrap();
         let contexts: Vec<u64> = decode
             .iter()

@@ -12,35 +12,49 @@ use crate::pool::{split_range, Pool};
 use crate::reference::NoProbe;
 use crate::InferError;
 
-/// Streaming read bandwidth in GB/s: `threads` workers sum disjoint parts of a buffer of
-/// `bytes` (far larger than the caches), best of `repeats`.
-pub fn read_bandwidth(pool: &Pool, bytes: usize, repeats: usize) -> f64 {
-    let words = bytes / 8;
-    let buf: Vec<u64> = (0..words as u64).collect(); // touched: really backed by memory
-    let mut best = 0.0f64;
-    for _ in 0..repeats.max(1) {
-        let sums: Vec<std::sync::atomic::AtomicU64> =
-            (0..pool.threads()).map(|_| 0.into()).collect();
-        let start = Instant::now();
-        pool.run(|w, n| {
-            let part = &buf[split_range(words, 512, w, n)];
-            // Eight independent lanes so the loop is bound by loads, not by one add chain.
-            let mut acc = [0u64; 8];
-            for chunk in part.chunks_exact(8) {
-                for (a, v) in acc.iter_mut().zip(chunk) {
-                    *a = a.wrapping_add(*v);
-                }
-            }
-            sums[w].store(
-                acc.iter().fold(0, |s, v| s.wrapping_add(*v)),
-                std::sync::atomic::Ordering::Relaxed,
-            );
-        });
-        let secs = start.elapsed().as_secs_f64();
-        black_box(&sums);
-        best = best.max(bytes as f64 / secs / 1e9);
+/// A buffer far larger than the caches, allocated and touched once, whose streaming read
+/// measures the machine's read bandwidth.
+pub struct ReadProbe {
+    buf: Vec<u64>,
+}
+
+impl ReadProbe {
+    pub fn new(bytes: usize) -> ReadProbe {
+        // Written, so it is really backed by memory.
+        ReadProbe {
+            buf: (0..(bytes / 8) as u64).collect(),
+        }
     }
-    best
+
+    /// Read bandwidth in GB/s: the pool's workers sum disjoint parts of the buffer, best of
+    /// `repeats`.
+    pub fn measure(&self, pool: &Pool, repeats: usize) -> f64 {
+        let (buf, words) = (&self.buf, self.buf.len());
+        let mut best = 0.0f64;
+        for _ in 0..repeats.max(1) {
+            let sums: Vec<std::sync::atomic::AtomicU64> =
+                (0..pool.threads()).map(|_| 0.into()).collect();
+            let start = Instant::now();
+            pool.run(|w, n| {
+                let part = &buf[split_range(words, 512, w, n)];
+                // Eight independent lanes so the loop is bound by loads, not by one add chain.
+                let mut acc = [0u64; 8];
+                for chunk in part.chunks_exact(8) {
+                    for (a, v) in acc.iter_mut().zip(chunk) {
+                        *a = a.wrapping_add(*v);
+                    }
+                }
+                sums[w].store(
+                    acc.iter().fold(0, |s, v| s.wrapping_add(*v)),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+            });
+            let secs = start.elapsed().as_secs_f64();
+            black_box(&sums);
+            best = best.max((words * 8) as f64 / secs / 1e9);
+        }
+        best
+    }
 }
 
 /// Deterministic token ids for timing runs.

@@ -4,7 +4,7 @@ use anyhow::Result;
 use serde::Serialize;
 use serde_json::json;
 use tern_infer::bench::{
-    bytes_per_token, kernel_speeds, read_bandwidth, time_decode, time_prefill, KernelSpeed,
+    bytes_per_token, kernel_speeds, time_decode, time_prefill, KernelSpeed, ReadProbe,
 };
 use tern_infer::model::Model;
 use tern_infer::pool::Pool;
@@ -30,7 +30,8 @@ pub struct Args {
     /// Context lengths at which decode is measured
     #[arg(long, value_delimiter = ',', default_values_t = [128usize, 1024, 4096])]
     contexts: Vec<usize>,
-    /// Repeats of every measurement (min/median/max are reported)
+    /// Rounds of measurements (min/median/max are reported); each round measures the
+    /// bandwidth, prefill and decode back to back, so the ratios compare neighbours in time
     #[arg(long, default_value_t = 5)]
     repeat: usize,
     /// Also measure every kernel on every ISA this CPU has
@@ -65,16 +66,22 @@ struct Decode {
     context: usize,
     tokens_per_second: Spread,
     bytes_per_token: u64,
+    /// At the median tokens/s.
     gb_per_s: f64,
+    /// Median over rounds of the decode's GB/s over the same round's read bandwidth.
     fraction_of_bandwidth_bound: f64,
 }
 
 #[derive(Serialize)]
 struct Run {
     threads: usize,
+    /// Median over rounds.
     read_bandwidth_gb_per_s: f64,
     prefill_tokens: usize,
     prefill_tokens_per_second: Spread,
+    /// Median over rounds of prefill tokens/s over the same round's decode tokens/s at the
+    /// first context.
+    prefill_over_decode: f64,
     decode: Vec<Decode>,
 }
 
@@ -106,50 +113,73 @@ pub fn run(args: Args) -> Result<ExitCode> {
             contexts.push(fit);
         }
     }
+    anyhow::ensure!(
+        !contexts.is_empty(),
+        "--contexts: give at least one context length"
+    );
     let threads = if args.threads.is_empty() {
         vec![model_args.pool().threads()]
     } else {
         args.threads.clone()
     };
     let repeat = args.repeat.max(1);
-    let steps = threads.len() * (1 + repeat * (1 + contexts.len()));
+    let steps = threads.len() * repeat * (2 + contexts.len());
     let bar = super::count_bar(args.quiet || args.json, "benchmarking", steps as u64);
     let cpu = cpu_model();
+    let probe = ReadProbe::new(1 << 30);
+    let bytes: Vec<u64> = contexts
+        .iter()
+        .map(|&c| bytes_per_token(&model, c + args.decode / 2))
+        .collect();
+    let median = |v: Vec<f64>| spread(v).median;
 
     let mut runs = Vec::new();
     for &t in &threads {
         let pool = Pool::new(t.max(1));
-        // The bandwidth and the decode it bounds are measured in the same run.
-        let bandwidth = read_bandwidth(&pool, 1 << 30, 3);
-        bar.inc(1);
-        let mut prefill = Vec::new();
+        // Rounds of (bandwidth, prefill, decode at each context), so that each decode is
+        // compared with the bandwidth and prefill measured next to it in time.
+        let (mut bandwidth, mut prefill) = (Vec::new(), Vec::new());
+        let mut decode = vec![Vec::new(); contexts.len()];
         for _ in 0..repeat {
+            bandwidth.push(probe.measure(&pool, 3));
+            bar.inc(1);
             prefill.push(args.prompt as f64 / time_prefill(&model, &pool, kernels, args.prompt)?);
             bar.inc(1);
-        }
-        let mut decode = Vec::new();
-        for &ctx in &contexts {
-            let mut tps = Vec::new();
-            for _ in 0..repeat {
+            for (tps, &ctx) in decode.iter_mut().zip(&contexts) {
                 tps.push(1.0 / time_decode(&model, &pool, kernels, ctx, args.decode)?);
                 bar.inc(1);
             }
-            let s = spread(tps);
-            let bytes = bytes_per_token(&model, ctx + args.decode / 2);
-            let gbs = s.median * bytes as f64 / 1e9;
-            decode.push(Decode {
-                context: ctx,
-                bytes_per_token: bytes,
-                gb_per_s: gbs,
-                fraction_of_bandwidth_bound: gbs / bandwidth,
-                tokens_per_second: s,
-            });
         }
+        let fraction = |tps: &[f64], bytes: u64| {
+            median(
+                tps.iter()
+                    .zip(&bandwidth)
+                    .map(|(t, bw)| t * bytes as f64 / 1e9 / bw)
+                    .collect(),
+            )
+        };
+        let ratio = median(prefill.iter().zip(&decode[0]).map(|(p, d)| p / d).collect());
+        let decode = contexts
+            .iter()
+            .zip(&bytes)
+            .zip(&decode)
+            .map(|((&context, &bytes), tps)| {
+                let s = spread(tps.clone());
+                Decode {
+                    context,
+                    bytes_per_token: bytes,
+                    gb_per_s: s.median * bytes as f64 / 1e9,
+                    fraction_of_bandwidth_bound: fraction(tps, bytes),
+                    tokens_per_second: s,
+                }
+            })
+            .collect();
         runs.push(Run {
             threads: pool.threads(),
-            read_bandwidth_gb_per_s: bandwidth,
+            read_bandwidth_gb_per_s: median(bandwidth),
             prefill_tokens: args.prompt,
             prefill_tokens_per_second: spread(prefill),
+            prefill_over_decode: ratio,
             decode,
         });
     }
@@ -198,12 +228,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 d.context, s.median, s.min, s.max, d.bytes_per_token as f64 / 1e9, d.gb_per_s, 100.0 * d.fraction_of_bandwidth_bound
             );
         }
-        if let Some(d) = r.decode.first() {
-            println!(
-                "  prefill / decode: {:.1}x",
-                p.median / d.tokens_per_second.median
-            );
-        }
+        println!(
+            "  prefill / decode: {:.1}x (median over rounds)",
+            r.prefill_over_decode
+        );
     }
     if !kernel_table.is_empty() {
         println!("\nkernels (1 thread, weights from memory):");
