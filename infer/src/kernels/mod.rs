@@ -29,6 +29,19 @@
 use std::fmt;
 use std::sync::OnceLock;
 
+/// `f::<N>(args)` for a run-time count `k` (rows of a GEMV group, tokens of a GEMM tile):
+/// the kernels take that count as a const generic so their loops unroll. Counts not listed
+/// go to the last arm, the largest.
+#[allow(unused_macros)] // targets with no SIMD kernels
+macro_rules! const_count {
+    ($k:expr, $f:ident $args:tt, $($n:literal)|+ => $max:tt) => {
+        match $k {
+            $($n => $f::<$n> $args,)+
+            _ => $f::<$max> $args,
+        }
+    };
+}
+
 pub mod attention;
 pub mod scalar;
 

@@ -244,12 +244,7 @@ macro_rules! tq2_kernels {
                 // SAFETY: rows r..r+k exist (w.len() == rows · rb), q has nb · 128 bytes.
                 let v = unsafe {
                     let wr = wp.add(r * rb);
-                    match k {
-                        1 => $rows::<1>(wr, nb, qp),
-                        2 => $rows::<2>(wr, nb, qp),
-                        3 => $rows::<3>(wr, nb, qp),
-                        _ => $rows::<4>(wr, nb, qp),
-                    }
+                    const_count!(k, $rows(wr, nb, qp), 1 | 2 | 3 => 4)
                 };
                 let mut a = [0i32; 4];
                 // SAFETY: `a` has 4 i32.
@@ -309,12 +304,7 @@ macro_rules! tq2_kernels {
                 // SAFETY: row r < rows and tokens t0..t0+tn < n exist (lengths checked).
                 unsafe {
                     let (wr, qt) = (w.as_ptr().add(r * rb), q.as_ptr().add(t0 * qs));
-                    match tn {
-                        1 => $tile::<1>(wr, nb, qt),
-                        2 => $tile::<2>(wr, nb, qt),
-                        3 => $tile::<3>(wr, nb, qt),
-                        _ => $tile::<4>(wr, nb, qt),
-                    }
+                    const_count!(tn, $tile(wr, nb, qt), 1 | 2 | 3 => 4)
                 }
             });
         }
@@ -409,12 +399,7 @@ macro_rules! tq1_kernels {
                 // SAFETY: rows r..r+k exist (w.len() == rows · rb), q has nb · 160 bytes.
                 let v = unsafe {
                     let wr = wp.add(r * rb);
-                    match k {
-                        1 => $rows::<1>(wr, nb, qp),
-                        2 => $rows::<2>(wr, nb, qp),
-                        3 => $rows::<3>(wr, nb, qp),
-                        _ => $rows::<4>(wr, nb, qp),
-                    }
+                    const_count!(k, $rows(wr, nb, qp), 1 | 2 | 3 => 4)
                 };
                 let mut a = [0i32; 4];
                 // SAFETY: `a` has 4 i32.
@@ -471,12 +456,7 @@ macro_rules! tq1_kernels {
                 // SAFETY: row r < rows and tokens t0..t0+tn < n exist (lengths checked).
                 let v = unsafe {
                     let (wr, qt) = (w.as_ptr().add(r * rb), q.as_ptr().add(t0 * q_stride));
-                    match tn {
-                        1 => $tile::<1>(wr, nb, qt, q_stride),
-                        2 => $tile::<2>(wr, nb, qt, q_stride),
-                        3 => $tile::<3>(wr, nb, qt, q_stride),
-                        _ => $tile::<4>(wr, nb, qt, q_stride),
-                    }
+                    const_count!(tn, $tile(wr, nb, qt, q_stride), 1 | 2 | 3 => 4)
                 };
                 let mut res = [0i32; 8];
                 // SAFETY: `res` has room for 4 i32.
@@ -666,11 +646,7 @@ macro_rules! dense_gemv {
             if left > 0 {
                 // SAFETY: rows r..r+left exist.
                 let v = unsafe {
-                    match left {
-                        1 => $rows_fn::<1>(wp.add(r * cols), cols, x),
-                        2 => $rows_fn::<2>(wp.add(r * cols), cols, x),
-                        _ => $rows_fn::<3>(wp.add(r * cols), cols, x),
-                    }
+                    const_count!(left, $rows_fn(wp.add(r * cols), cols, x), 1 | 2 => 3)
                 };
                 out[r..].copy_from_slice(&v[..left]);
             }

@@ -271,12 +271,7 @@ pub(crate) unsafe fn tq2_gemv(w: &[u8], nb: usize, q: &[i8], q_sum: i32, out: &m
         // SAFETY: rows r..r+k exist (w.len() == rows · rb checked), q has nb · 128 bytes.
         let v = unsafe {
             let wr = wp.add(r * rb);
-            match k {
-                1 => gemv_rows::<1>(wr, nb, qp),
-                2 => gemv_rows::<2>(wr, nb, qp),
-                3 => gemv_rows::<3>(wr, nb, qp),
-                _ => gemv_rows::<4>(wr, nb, qp),
-            }
+            const_count!(k, gemv_rows(wr, nb, qp), 1 | 2 | 3 => 4)
         };
         lanes(v)
     });
@@ -363,16 +358,7 @@ pub(crate) unsafe fn tq2_gemm(
             // SAFETY: row r < rows and tokens t0..t0+tn < n exist (lengths checked above).
             unsafe {
                 let (wr, qt) = (w.as_ptr().add(r * rb), q.as_ptr().add(t0 * qs));
-                match tn {
-                    1 => gemm_tile::<1>(wr, nb, qt),
-                    2 => gemm_tile::<2>(wr, nb, qt),
-                    3 => gemm_tile::<3>(wr, nb, qt),
-                    4 => gemm_tile::<4>(wr, nb, qt),
-                    5 => gemm_tile::<5>(wr, nb, qt),
-                    6 => gemm_tile::<6>(wr, nb, qt),
-                    7 => gemm_tile::<7>(wr, nb, qt),
-                    _ => gemm_tile::<GEMM_TOKENS>(wr, nb, qt),
-                }
+                const_count!(tn, gemm_tile(wr, nb, qt), 1 | 2 | 3 | 4 | 5 | 6 | 7 => GEMM_TOKENS)
             }
         },
     );
@@ -497,11 +483,7 @@ macro_rules! dense_gemv {
             if left > 0 {
                 // SAFETY: rows r..r+left exist.
                 let v = unsafe {
-                    match left {
-                        1 => $rows_fn::<1>(wp.add(r * cols), cols, x),
-                        2 => $rows_fn::<2>(wp.add(r * cols), cols, x),
-                        _ => $rows_fn::<3>(wp.add(r * cols), cols, x),
-                    }
+                    const_count!(left, $rows_fn(wp.add(r * cols), cols, x), 1 | 2 => 3)
                 };
                 out[r..].copy_from_slice(&v[..left]);
             }
@@ -713,12 +695,7 @@ pub(crate) unsafe fn tq1_gemv(w: &[u8], nb: usize, q: &[i8], q_sum: i32, out: &m
         // SAFETY: rows r..r+k exist (w.len() == rows · rb checked), q has nb · 160 bytes.
         let v = unsafe {
             let wr = wp.add(r * rb);
-            match k {
-                1 => tq1_rows::<1>(wr, nb, qp),
-                2 => tq1_rows::<2>(wr, nb, qp),
-                3 => tq1_rows::<3>(wr, nb, qp),
-                _ => tq1_rows::<4>(wr, nb, qp),
-            }
+            const_count!(k, tq1_rows(wr, nb, qp), 1 | 2 | 3 => 4)
         };
         lanes(v)
     });
@@ -800,16 +777,7 @@ pub(crate) unsafe fn tq1_gemm(
         // SAFETY: row r < rows and tokens t0..t0+tn < n exist (lengths checked above).
         unsafe {
             let (wr, qt) = (w.as_ptr().add(r * rb), q.as_ptr().add(t0 * q_stride));
-            match tn {
-                1 => tq1_gemm_tile::<1>(wr, nb, qt, q_stride),
-                2 => tq1_gemm_tile::<2>(wr, nb, qt, q_stride),
-                3 => tq1_gemm_tile::<3>(wr, nb, qt, q_stride),
-                4 => tq1_gemm_tile::<4>(wr, nb, qt, q_stride),
-                5 => tq1_gemm_tile::<5>(wr, nb, qt, q_stride),
-                6 => tq1_gemm_tile::<6>(wr, nb, qt, q_stride),
-                7 => tq1_gemm_tile::<7>(wr, nb, qt, q_stride),
-                _ => tq1_gemm_tile::<8>(wr, nb, qt, q_stride),
-            }
+            const_count!(tn, tq1_gemm_tile(wr, nb, qt, q_stride), 1 | 2 | 3 | 4 | 5 | 6 | 7 => 8)
         }
     });
 }

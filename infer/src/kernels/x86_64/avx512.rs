@@ -121,12 +121,7 @@ macro_rules! avx512_kernels {
                 // SAFETY: rows r..r+k exist (w.len() == rows · rb), q has nb · 128 bytes.
                 let v = unsafe {
                     let wr = wp.add(r * rb);
-                    match k {
-                        1 => gemv_rows::<1>(wr, nb, qp),
-                        2 => gemv_rows::<2>(wr, nb, qp),
-                        3 => gemv_rows::<3>(wr, nb, qp),
-                        _ => gemv_rows::<4>(wr, nb, qp),
-                    }
+                    const_count!(k, gemv_rows(wr, nb, qp), 1 | 2 | 3 => 4)
                 };
                 let mut a = [0i32; 4];
                 // SAFETY: `a` has 4 i32.
@@ -189,16 +184,7 @@ macro_rules! avx512_kernels {
                 // SAFETY: row r < rows and tokens t0..t0+tn < n exist (lengths checked).
                 unsafe {
                     let (wr, qt) = (w.as_ptr().add(r * rb), q.as_ptr().add(t0 * qs));
-                    match tn {
-                        1 => gemm_tile::<1>(wr, nb, qt),
-                        2 => gemm_tile::<2>(wr, nb, qt),
-                        3 => gemm_tile::<3>(wr, nb, qt),
-                        4 => gemm_tile::<4>(wr, nb, qt),
-                        5 => gemm_tile::<5>(wr, nb, qt),
-                        6 => gemm_tile::<6>(wr, nb, qt),
-                        7 => gemm_tile::<7>(wr, nb, qt),
-                        _ => gemm_tile::<GEMM_TOKENS>(wr, nb, qt),
-                    }
+                    const_count!(tn, gemm_tile(wr, nb, qt), 1 | 2 | 3 | 4 | 5 | 6 | 7 => GEMM_TOKENS)
                 }
             });
         }
@@ -413,11 +399,7 @@ pub(crate) mod plain {
                 if left > 0 {
                     // SAFETY: rows r..r+left exist.
                     let v = unsafe {
-                        match left {
-                            1 => $rows_fn::<1>(wp.add(r * cols), cols, x),
-                            2 => $rows_fn::<2>(wp.add(r * cols), cols, x),
-                            _ => $rows_fn::<3>(wp.add(r * cols), cols, x),
-                        }
+                        const_count!(left, $rows_fn(wp.add(r * cols), cols, x), 1 | 2 => 3)
                     };
                     out[r..].copy_from_slice(&v[..left]);
                 }
