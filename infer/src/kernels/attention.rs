@@ -57,6 +57,9 @@ fn dot8_x4(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
             }
         }
     }
+    // `from_fn` stays out of line in the AVX2 build (a call per four positions, ≈ 10 % of
+    // this kernel), but a plain loop here let LLVM re-vectorize the loop above 4 wide
+    // across the positions, measured 10–40 % slower.
     let n8 = a.len() / 8 * 8;
     std::array::from_fn(|j| {
         let tail: f32 = a[n8..].iter().zip(&b[j][n8..]).map(|(x, y)| x * y).sum();
