@@ -18,7 +18,7 @@ fn inspect_reports_the_model_and_checks_the_file() {
     assert_eq!(doc["check"]["ok"], true);
     assert_eq!(
         doc["metadata"]["provenance"]["source_family"],
-        "bitnet-packed"
+        "BitNetForCausalLM, autobitlinear offline"
     );
     let bits = doc["summary"]["ternary"]["bits_per_weight"]
         .as_f64()

@@ -1,17 +1,20 @@
 //! Exact comparison of a `.tern` file with the checkpoint it came from (`tern verify
-//! --source`). The source side is decoded here with the plain formulas of
-//! checkpoints.md §3–§4, independently of the converter's fast paths, so a converter bug
-//! cannot hide behind itself.
+//! --source`). The expected value of every tensor comes from the checkpoint's own
+//! declarations (`quantization_config`, dtypes, shapes), decoded here with the plain
+//! formulas of docs/checkpoints.md §3–§4 — not from the converter's plan or the file's own
+//! provenance, so neither a converter bug nor a wrong override can hide behind itself.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 
 use serde::Serialize;
-use tern_format::{q8row, Layout, TernFile};
+use serde_json::Value;
+use tern_format::{q8row, Layout, ScaleConvention, TernFile};
 
 use crate::error::Result;
-use crate::family::{Origin, Planned};
-use crate::ternary::to_f32;
-use crate::{prepare, Family};
+use crate::source::{Checkpoint, SourceTensor};
+use crate::ternary::{implausible_scale, to_f32};
+use crate::{Declared, Overrides};
 
 /// One difference between the file and the source.
 #[derive(Clone, Debug, Serialize)]
@@ -49,10 +52,14 @@ pub struct WeightComparison {
     /// Tensors stored lossily on purpose (Q8_ROW embeddings/head, `--head q8`): their
     /// error is reported here and is not a mismatch.
     pub quantized: Vec<QuantizedTensor>,
-    /// Config fields whose value differs from what the source's config.json gives.
+    /// Config fields whose value differs from what the source's config.json gives, and
+    /// decisions of the conversion that contradict the checkpoint's declarations (each
+    /// naming the field).
     pub config_mismatches: Vec<String>,
     /// The first mismatches (at most 20).
     pub first_mismatches: Vec<Mismatch>,
+    /// Things that are exact but look wrong (a scale implausible for a trained model).
+    pub warnings: Vec<String>,
 }
 
 impl WeightComparison {
@@ -70,90 +77,69 @@ impl WeightComparison {
     }
 }
 
+/// How the checkpoint itself says `weight_scale` relates to the weights, and the field that
+/// says it; None when it says nothing.
+fn declared_convention(config: &Value) -> Option<(ScaleConvention, String)> {
+    let q = config.get("quantization_config").filter(|q| !q.is_null());
+    let Some(q) = q else {
+        let archs = config.get("architectures").and_then(Value::as_array);
+        let one_bit = archs.is_some_and(|a| a.iter().any(|v| v == "BitnetForCausalLM"));
+        return one_bit.then(|| {
+            (
+                ScaleConvention::Masters,
+                "architectures BitnetForCausalLM (1bitLLM: float masters)".into(),
+            )
+        });
+    };
+    let linear = q.get("linear_class").and_then(Value::as_str);
+    let mode = q.get("quantization_mode").and_then(Value::as_str);
+    let convention = match (linear, mode) {
+        (Some("autobitlinear"), Some("online")) => ScaleConvention::Masters,
+        (Some("autobitlinear"), _) => ScaleConvention::Multiply,
+        _ => ScaleConvention::Divide,
+    };
+    Some((
+        convention,
+        format!("quantization_config.linear_class {linear:?}, quantization_mode {mode:?}"),
+    ))
+}
+
+/// The source tensor holding a `.tern` tensor (1bitLLM names its sub-norms differently).
+fn source_of<'a>(ck: &'a Checkpoint, name: &str) -> Option<&'a SourceTensor> {
+    ck.get(name).or_else(|| {
+        ck.get(
+            &name
+                .replace("self_attn.attn_sub_norm", "self_attn.inner_attn_ln")
+                .replace("mlp.ffn_sub_norm", "mlp.ffn_layernorm"),
+        )
+    })
+}
+
 /// Re-reads the source checkpoint and compares every tensor of `file` exactly: every trit,
-/// every scale bit (after normalization, docs/format.md §6.2), every float value.
-pub fn compare_with_source(
-    file: &TernFile,
-    source: &Path,
-    family: Option<Family>,
-) -> Result<WeightComparison> {
-    let prepared = prepare(source, family)?;
-    let ck = &prepared.checkpoint;
+/// every scale bit (after normalization, docs/format.md §6.2), every float value, and the
+/// config.
+pub fn compare_with_source(file: &TernFile, source: &Path) -> Result<WeightComparison> {
+    let ck = Checkpoint::open(source)?;
     let mut cmp = WeightComparison::default();
-    let field = |c: &tern_format::ModelConfig| serde_json::to_value(c).unwrap_or_default();
-    let (want, got) = (
-        field(&prepared.metadata.config),
-        field(&file.metadata().config),
-    );
-    if let (Some(want), Some(got)) = (want.as_object(), got.as_object()) {
-        for (key, w) in want {
-            if got.get(key) != Some(w) {
-                let g = got.get(key).map_or("absent".to_string(), |v| v.to_string());
-                cmp.config_mismatches
-                    .push(format!("{key}: source gives {w}, file has {g}"));
+    compare_config(file, &ck, &mut cmp);
+    let declared = declared_convention(&ck.config);
+    let used = file.metadata().provenance.scale_convention;
+    let convention = match &declared {
+        Some((d, field)) => {
+            if *d != used {
+                cmp.config_mismatches.push(format!(
+                    "scale convention: the checkpoint declares {d:?} ({field}), the file was \
+                     converted with {used:?}"
+                ));
             }
+            *d
         }
-    }
-    for p in &prepared.plan {
-        let Some(t) = file.tensor(&p.name) else {
-            cmp.record(Mismatch {
-                tensor: p.name.clone(),
-                index: vec![],
-                expected: "present".into(),
-                found: "missing".into(),
-            });
-            cmp.float_mismatches += 1;
-            continue;
-        };
-        cmp.tensors += 1;
-        if t.shape != p.shape {
-            cmp.float_mismatches += 1;
-            cmp.record(Mismatch {
-                tensor: p.name.clone(),
-                index: vec![],
-                expected: format!("shape {:?}", p.shape),
-                found: format!("shape {:?}", t.shape),
-            });
-            continue;
-        }
-        let src = ck.get(p.origin.src()).expect("planned tensors exist");
-        let data = ck.read(src)?;
-        match &p.origin {
-            Origin::Float { .. } => compare_float(file, t, &data, src.dtype, &mut cmp),
-            Origin::Packed { scale, .. } => {
-                let (out, cols) = (p.shape[0] as usize, p.shape[1] as usize);
-                let rows_per_block = out / 4;
-                let expected = |o: usize, c: usize| -> i8 {
-                    let (i, r) = (o / rows_per_block, o % rows_per_block);
-                    ((data[r * cols + c] >> (2 * i)) & 3) as i8 - 1
-                };
-                compare_trits(file, t, p, expected, &mut cmp);
-                let scale_src = ck.get(scale).expect("planned tensors exist");
-                let ws = to_f32(&ck.read(scale_src)?, scale_src.dtype)
-                    .map_err(|e| ck.tensor_error(scale_src, e))?;
-                let ws = ws.first().copied().unwrap_or(f32::NAN);
-                let want = match prepared.family.scale_convention() {
-                    tern_format::ScaleConvention::Divide => 1.0 / ws,
-                    _ => ws,
-                };
-                compare_scale(t, want, &mut cmp);
-            }
-            Origin::Masters { .. } => {
-                let w = to_f32(&data, src.dtype).map_err(|e| ck.tensor_error(src, e))?;
-                let mean =
-                    (w.iter().map(|x| f64::from(x.abs())).sum::<f64>() / w.len() as f64) as f32;
-                let sw = 1.0 / mean.max(1e-5);
-                let cols = p.shape[1] as usize;
-                let expected = |o: usize, c: usize| -> i8 {
-                    (w[o * cols + c] * sw).round_ties_even().clamp(-1.0, 1.0) as i8
-                };
-                compare_trits(file, t, p, expected, &mut cmp);
-                compare_scale(t, 1.0 / sw, &mut cmp);
-            }
-        }
-    }
+        None => used,
+    };
+    let mut seen = BTreeSet::new();
     for t in file.tensors() {
-        if !prepared.plan.iter().any(|p| p.name == t.name) {
+        cmp.tensors += 1;
+        let Some(src) = source_of(&ck, &t.name) else {
             cmp.float_mismatches += 1;
             cmp.record(Mismatch {
                 tensor: t.name.clone(),
@@ -161,25 +147,160 @@ pub fn compare_with_source(
                 expected: "absent (the source has no such tensor)".into(),
                 found: "present".into(),
             });
+            continue;
+        };
+        seen.insert(src.name.clone());
+        let data = ck.read(src)?;
+        let module = t.name.trim_end_matches(".weight").trim_end_matches(".bias");
+        let ws_name = format!("{module}.weight_scale");
+        let ws = match ck.get(&ws_name) {
+            Some(w) => {
+                seen.insert(w.name.clone());
+                let v = to_f32(&ck.read(w)?, w.dtype).map_err(|e| ck.tensor_error(w, e))?;
+                Some(v.first().copied().unwrap_or(f32::NAN))
+            }
+            None => None,
+        };
+        if t.layout.is_some_and(|l| l.is_ternary()) {
+            compare_ternary(&ck, file, t, src, &data, ws, convention, &mut cmp)?;
+        } else if t.name.ends_with(".bias") {
+            // transformers' offline AutoBitLinear scales the bias with the output.
+            let factor = match convention {
+                ScaleConvention::Multiply => ws.unwrap_or(1.0),
+                _ => 1.0,
+            };
+            let want: Vec<u8> = to_f32(&data, src.dtype)
+                .map_err(|e| ck.tensor_error(src, e))?
+                .iter()
+                .flat_map(|b| (b * factor).to_le_bytes())
+                .collect();
+            compare_float(file, t, &want, safetensors::Dtype::F32, &mut cmp);
+        } else {
+            compare_float(file, t, &data, src.dtype, &mut cmp);
+        }
+    }
+    // Everything the source holds must be in the file.
+    for name in ck.tensors.keys() {
+        let accounted = seen.contains(name)
+            || name.ends_with("rotary_emb.inv_freq")
+            || name.ends_with(".weight_scale");
+        if !accounted {
+            cmp.float_mismatches += 1;
+            cmp.record(Mismatch {
+                tensor: name.clone(),
+                index: vec![],
+                expected: "present (the source has it)".into(),
+                found: "absent".into(),
+            });
         }
     }
     Ok(cmp)
 }
 
+/// The file's config against the source's config.json, read without overrides.
+fn compare_config(file: &TernFile, ck: &Checkpoint, cmp: &mut WeightComparison) {
+    let declared = match Declared::read(ck, &Overrides::default()) {
+        Ok(d) => d,
+        Err(e) => {
+            cmp.config_mismatches.push(format!(
+                "config: the checkpoint's own declarations cannot be read as a BitNet model: {e}"
+            ));
+            return;
+        }
+    };
+    let field = |c: &tern_format::ModelConfig| serde_json::to_value(c).unwrap_or_default();
+    let (want, got) = (field(&declared.config), field(&file.metadata().config));
+    let (Some(want), Some(got)) = (want.as_object(), got.as_object()) else {
+        return;
+    };
+    let keys: BTreeSet<&String> = want.keys().chain(got.keys()).collect();
+    for key in keys {
+        let (w, g) = (want.get(key), got.get(key));
+        if w != g {
+            let show = |v: Option<&Value>| v.map_or("absent".to_string(), Value::to_string);
+            cmp.config_mismatches.push(format!(
+                "{key}: source gives {}, file has {}",
+                show(w),
+                show(g)
+            ));
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn compare_ternary(
+    ck: &Checkpoint,
+    file: &TernFile,
+    t: &tern_format::TensorInfo,
+    src: &SourceTensor,
+    data: &[u8],
+    ws: Option<f32>,
+    convention: ScaleConvention,
+    cmp: &mut WeightComparison,
+) -> Result<()> {
+    if let Some(w) = implausible_scale(t.scale) {
+        cmp.warnings.push(format!("{}: {w}", t.name));
+    }
+    if src.dtype == safetensors::Dtype::U8 {
+        // transformers' unpack_weights: T[i·R + r, c] = ((P[r, c] >> 2i) & 3) − 1.
+        let (r_rows, cols) = (src.shape[0] as usize, src.shape[1] as usize);
+        let shape = [4 * r_rows as u64, cols as u64];
+        let expected = |o: usize, c: usize| -> i8 {
+            let (i, r) = (o / r_rows, o % r_rows);
+            ((data[r * cols + c] >> (2 * i)) & 3) as i8 - 1
+        };
+        compare_trits(file, t, &shape, expected, cmp);
+        let want = match (ws, convention) {
+            (Some(ws), ScaleConvention::Divide) => 1.0 / ws,
+            (Some(ws), _) => ws,
+            (None, _) => f32::NAN, // packed weights without a scale: nothing can match
+        };
+        compare_scale(t, want, cmp);
+        return Ok(());
+    }
+    let w = to_f32(data, src.dtype).map_err(|e| ck.tensor_error(src, e))?;
+    let shape: Vec<u64> = src.shape.clone();
+    let cols = shape.get(1).copied().unwrap_or(1) as usize;
+    if convention == ScaleConvention::Masters {
+        // WeightQuant: sw = 1 / max(mean|w|, 1e-5), t = clamp(round_half_even(w·sw), −1, 1).
+        let mean = (w.iter().map(|x| f64::from(x.abs())).sum::<f64>() / w.len() as f64) as f32;
+        let sw = 1.0 / mean.max(1e-5);
+        let expected = |o: usize, c: usize| -> i8 {
+            (w[o * cols + c] * sw).round_ties_even().clamp(-1.0, 1.0) as i8
+        };
+        compare_trits(file, t, &shape, expected, cmp);
+        compare_scale(t, 1.0 / sw, cmp);
+    } else {
+        // Already ternary floats (offline autobitlinear): t = sign(w), scale = s · ws.
+        let s = w.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        let expected = |o: usize, c: usize| -> i8 {
+            let x = w[o * cols + c];
+            (x > 0.0) as i8 - (x < 0.0) as i8
+        };
+        compare_trits(file, t, &shape, expected, cmp);
+        let s = if s == 0.0 { t.scale } else { s };
+        compare_scale(t, s * ws.unwrap_or(1.0), cmp);
+    }
+    Ok(())
+}
+
 fn compare_trits(
     file: &TernFile,
     t: &tern_format::TensorInfo,
-    p: &Planned,
+    shape: &[u64],
     expected: impl Fn(usize, usize) -> i8,
     cmp: &mut WeightComparison,
 ) {
-    let (rows, cols) = (p.shape[0] as usize, p.shape[1] as usize);
-    let Some(layout) = t.layout.filter(|l| l.is_ternary() && t.shape == p.shape) else {
+    let (rows, cols) = (
+        shape[0] as usize,
+        shape.get(1).copied().unwrap_or(1) as usize,
+    );
+    let Some(layout) = t.layout.filter(|l| l.is_ternary() && t.shape == shape) else {
         cmp.trit_mismatches += (rows * cols) as u64;
         cmp.record(Mismatch {
-            tensor: p.name.clone(),
+            tensor: t.name.clone(),
             index: vec![],
-            expected: format!("TQ2 or TQ1 {:?}", p.shape),
+            expected: format!("TQ2 or TQ1 {shape:?}"),
             found: format!("{:?} {:?}", t.layout, t.shape),
         });
         return;
@@ -195,7 +316,7 @@ fn compare_trits(
             if got != want {
                 cmp.trit_mismatches += 1;
                 cmp.record(Mismatch {
-                    tensor: p.name.clone(),
+                    tensor: t.name.clone(),
                     index: vec![o as u64, c as u64],
                     expected: want.to_string(),
                     found: if got == 2 {

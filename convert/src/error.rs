@@ -17,6 +17,23 @@ pub enum ConvertError {
         tensor: String,
         problem: String,
     },
+    /// A field of a JSON file of the checkpoint is invalid or unsupported.
+    #[error("{file}: {field} {problem}")]
+    Field {
+        file: String,
+        field: String,
+        problem: String,
+    },
+    /// An override contradicts what the checkpoint declares.
+    #[error(
+        "the checkpoint declares {declared} ({field}), and the override asks for {requested}: \
+         refusing to contradict the declaration unless contradictions are allowed explicitly"
+    )]
+    Contradiction {
+        field: String,
+        declared: String,
+        requested: String,
+    },
     #[error("{0}")]
     Unsupported(String),
     #[error("{0}")]

@@ -6,8 +6,8 @@
 #![forbid(unsafe_code)]
 
 pub mod compare;
+pub mod declared;
 mod error;
-pub mod family;
 pub mod hub;
 pub mod source;
 pub mod synth;
@@ -21,8 +21,8 @@ use safetensors::Dtype;
 use sha2::{Digest, Sha256};
 use tern_format::{Layout, Metadata, Provenance, SourceFile, TensorRole, TensorSpec, Writer};
 
+pub use declared::{Declared, Overrides};
 pub use error::{ConvertError, Result};
-pub use family::Family;
 pub use source::Checkpoint;
 
 /// The converter's name and version, recorded in every file's provenance.
@@ -64,8 +64,8 @@ pub struct Options {
     pub ternary: TernaryFormat,
     /// Layout of the embeddings and head.
     pub head: HeadFormat,
-    /// Use this family instead of detecting it.
-    pub family: Option<Family>,
+    /// Overrides of single axes of what the checkpoint declares.
+    pub overrides: Overrides,
     /// Turn warnings (all −1 packed tensors, all-zero float tensors, assumed config
     /// defaults) into errors.
     pub strict: bool,
@@ -78,7 +78,10 @@ pub struct Options {
 pub struct Report {
     pub source: PathBuf,
     pub output: PathBuf,
-    pub family: &'static str,
+    /// The model class and BitLinear class, e.g. "BitNetForCausalLM, autobitlinear offline".
+    pub family: String,
+    /// How each axis was decided and from what.
+    pub decisions: Vec<tern_format::Decision>,
     pub tensors: usize,
     pub input_bytes: u64,
     pub output_bytes: u64,
@@ -86,26 +89,24 @@ pub struct Report {
     pub warnings: Vec<String>,
 }
 
-/// A conversion plan: the opened source, its family, config and tensor sources.
+/// A conversion plan: the opened source, what it declares and where each output tensor
+/// comes from.
 pub struct Prepared {
     pub checkpoint: Checkpoint,
-    pub family: Family,
+    pub declared: Declared,
     pub metadata: Metadata,
-    pub plan: Vec<family::Planned>,
+    pub plan: Vec<declared::Planned>,
     pub warnings: Vec<String>,
 }
 
-/// Opens a checkpoint folder, detects its family, normalizes its config and maps every
-/// output tensor to its source. Reads no tensor data.
-pub fn prepare(source: &Path, family: Option<Family>) -> Result<Prepared> {
+/// Opens a checkpoint folder, decides every axis of what it declares (applying
+/// `overrides`), normalizes its config and maps every output tensor to its source. Reads
+/// no tensor data.
+pub fn prepare(source: &Path, overrides: &Overrides) -> Result<Prepared> {
     let checkpoint = Checkpoint::open(source)?;
-    let family = match family {
-        Some(f) => f,
-        None => family::detect(&checkpoint)?,
-    };
-    let mut warnings = Vec::new();
-    let config = family::normalize_config(&checkpoint, family, &mut warnings)?;
-    let plan = family::plan(&checkpoint, family, &config)?;
+    let declared = Declared::read(&checkpoint, overrides)?;
+    let plan = declared.plan(&checkpoint)?;
+    let mut warnings = declared.warnings.clone();
     if checkpoint.tokenizer_json.is_none() {
         warnings.push(format!(
             "{}: no tokenizer.json: the file will not be able to tokenize text",
@@ -113,18 +114,19 @@ pub fn prepare(source: &Path, family: Option<Family>) -> Result<Prepared> {
         ));
     }
     let metadata = Metadata {
-        config,
-        chat_template: family::chat_template(&checkpoint),
+        config: declared.config.clone(),
+        chat_template: declared::chat_template(&checkpoint),
         provenance: Provenance {
-            source_family: family.name().to_string(),
-            scale_convention: family.scale_convention(),
+            source_family: declared.describe(),
+            scale_convention: declared.convention,
             source_files: Vec::new(),
             converter: CONVERTER.to_string(),
+            decisions: declared.decisions.clone(),
         },
     };
     Ok(Prepared {
         checkpoint,
-        family,
+        declared,
         metadata,
         plan,
         warnings,
@@ -145,11 +147,11 @@ pub fn convert(
     }
     let Prepared {
         checkpoint: ck,
-        family,
+        declared,
         mut metadata,
         plan,
         mut warnings,
-    } = prepare(source, options.family)?;
+    } = prepare(source, &options.overrides)?;
 
     let mut specs = Vec::with_capacity(plan.len());
     let mut total = 0u64;
@@ -179,7 +181,6 @@ pub fn convert(
         let hashes = scope.spawn(|| hash_files(&ck));
         convert_tensors(
             &ck,
-            family,
             options,
             &plan,
             &mut writer,
@@ -198,7 +199,8 @@ pub fn convert(
     Ok(Report {
         source: source.to_path_buf(),
         output: output.to_path_buf(),
-        family: family.name(),
+        family: declared.describe(),
+        decisions: declared.decisions.clone(),
         tensors: plan.len(),
         input_bytes: total,
         output_bytes,
@@ -223,12 +225,10 @@ enum Piece {
 /// (ternary transforms in parallel with rayon) while this one writes, so reading, the
 /// transforms, checksumming and writing overlap; the channel bounds memory to a few
 /// tensors.
-#[allow(clippy::too_many_arguments)]
 fn convert_tensors(
     ck: &Checkpoint,
-    family: Family,
     options: &Options,
-    plan: &[family::Planned],
+    plan: &[declared::Planned],
     writer: &mut Writer,
     warnings: &mut Vec<String>,
     total: u64,
@@ -239,7 +239,7 @@ fn convert_tensors(
         let producer = scope.spawn(move || {
             let mut warnings = Vec::new();
             for p in plan {
-                let sent = produce(ck, family, options, p, &mut warnings, &tx);
+                let sent = produce(ck, options, p, &mut warnings, &tx);
                 if let Err(e) = sent {
                     let _ = tx.send(Err(e));
                     break;
@@ -275,12 +275,12 @@ fn convert_tensors(
 /// has stopped, which then reports its own error.
 fn produce(
     ck: &Checkpoint,
-    family: Family,
     options: &Options,
-    p: &family::Planned,
+    p: &declared::Planned,
     warnings: &mut Vec<String>,
     tx: &std::sync::mpsc::SyncSender<Result<Piece>>,
 ) -> Result<()> {
+    use declared::{Origin, WeightRule};
     let send = |piece: Piece| {
         tx.send(Ok(piece))
             .map_err(|_| ConvertError::Unsupported("writer stopped".into()))
@@ -288,12 +288,20 @@ fn produce(
     let src = ck.get(p.origin.src()).expect("planned tensors exist");
     let name = p.name.clone();
     let layout = options.ternary.layout();
+    let (rows, cols) = (
+        p.shape[0] as usize,
+        p.shape.get(1).copied().unwrap_or(1) as usize,
+    );
+    // A one-element weight_scale, read as stored.
+    let weight_scale = |scale_tensor: &str| -> Result<f32> {
+        let t = ck.get(scale_tensor).expect("planned tensors exist");
+        ternary::single_value(&ck.read(t)?, t.dtype).map_err(|e| ck.tensor_error(t, e))
+    };
     match &p.origin {
-        family::Origin::Float { .. }
+        Origin::Float { .. }
             if p.role == TensorRole::Embedding && options.head == HeadFormat::Q8 =>
         {
             // Whole rows at a time (a row's scale needs all of it), about 16 MiB per read.
-            let (rows, cols) = (p.shape[0] as usize, p.shape[1] as usize);
             let row_in = cols * src.dtype.size();
             let chunk_rows = ((16 << 20) / row_in.max(1)).max(1);
             send(Piece::Begin { name, scale: 1.0 })?;
@@ -309,7 +317,7 @@ fn produce(
                 r0 += n;
             }
         }
-        family::Origin::Float { .. } => {
+        Origin::Float { .. } => {
             const CHUNK: u64 = 16 << 20;
             send(Piece::Begin { name, scale: 1.0 })?;
             let elem = src.dtype.size() as u64;
@@ -334,43 +342,69 @@ fn produce(
                 warnings.push(format!("{}: tensor is all zero", src.name));
             }
         }
-        family::Origin::Packed { scale, .. } => {
-            let scale_src = ck.get(scale).expect("planned tensors exist");
-            let scale = ternary::normalized_scale(
-                &ck.read(scale_src)?,
-                scale_src.dtype,
-                family.scale_convention(),
-            )
-            .map_err(|e| ck.tensor_error(scale_src, e))?;
-            let packed = ck.read(src)?;
-            let (rows, cols) = (p.shape[0] as usize, p.shape[1] as usize);
-            if packed.iter().all(|&b| b == 0) {
-                warnings.push(format!(
-                    "{}: packed tensor is all 0x00, i.e. every weight is −1 (a zeroed upload?)",
-                    src.name
-                ));
+        Origin::Bias { scale_tensor, .. } => {
+            let factor = scale_tensor.as_deref().map(weight_scale).transpose()?;
+            let bias =
+                ternary::to_f32(&ck.read(src)?, src.dtype).map_err(|e| ck.tensor_error(src, e))?;
+            let bytes: Vec<u8> = bias
+                .iter()
+                .flat_map(|&b| (b * factor.unwrap_or(1.0)).to_le_bytes())
+                .collect();
+            send(Piece::Begin { name, scale: 1.0 })?;
+            send(Piece::Data(bytes))?;
+        }
+        Origin::Ternary { rule, .. } => {
+            let (tq, scale) = match rule {
+                WeightRule::Packed {
+                    scale_tensor,
+                    convention,
+                } => {
+                    let scale_src = ck.get(scale_tensor).expect("planned tensors exist");
+                    let scale = ternary::normalized_scale(
+                        &ck.read(scale_src)?,
+                        scale_src.dtype,
+                        *convention,
+                    )
+                    .map_err(|e| ck.tensor_error(scale_src, e))?;
+                    let packed = ck.read(src)?;
+                    if packed.iter().all(|&b| b == 0) {
+                        warnings.push(format!(
+                            "{}: packed tensor is all 0x00, i.e. every weight is −1 (a zeroed upload?)",
+                            src.name
+                        ));
+                    }
+                    let tq = ternary::packed_to_tq2(&packed, rows, cols).map_err(|(r, c)| {
+                        ck.tensor_error(
+                            src,
+                            format!("invalid code 3 for output row {r}, column {c}"),
+                        )
+                    })?;
+                    (tq, scale)
+                }
+                WeightRule::Masters => {
+                    let t = ternary::ternarize_masters(&ck.read(src)?, src.dtype, rows, cols)
+                        .map_err(|e| ck.tensor_error(src, e))?;
+                    if t.all_zero {
+                        warnings.push(format!("{}: master weights are all zero", src.name));
+                    }
+                    (t.tq2, t.scale)
+                }
+                WeightRule::TernaryFloat { scale_tensor } => {
+                    let (tq, s) = ternary::ternary_floats(&ck.read(src)?, src.dtype, rows, cols)
+                        .map_err(|e| ck.tensor_error(src, e))?;
+                    let ws = scale_tensor.as_deref().map(weight_scale).transpose()?;
+                    let scale = s * ws.unwrap_or(1.0);
+                    if !(scale.is_finite() && scale > 0.0) {
+                        return Err(ck.tensor_error(src, format!("unusable scale {scale}")));
+                    }
+                    (tq, scale)
+                }
+            };
+            if let Some(w) = ternary::implausible_scale(scale) {
+                warnings.push(format!("{}: {w}", src.name));
             }
-            let tq = ternary::packed_to_tq2(&packed, rows, cols).map_err(|(r, c)| {
-                ck.tensor_error(
-                    src,
-                    format!("invalid code 3 for output row {r}, column {c}"),
-                )
-            })?;
             send(Piece::Begin { name, scale })?;
             send(Piece::Data(ternary::tq2_to(layout, tq, rows, cols)))?;
-        }
-        family::Origin::Masters { .. } => {
-            let (rows, cols) = (p.shape[0] as usize, p.shape[1] as usize);
-            let t = ternary::ternarize_masters(&ck.read(src)?, src.dtype, rows, cols)
-                .map_err(|e| ck.tensor_error(src, e))?;
-            if t.all_zero {
-                warnings.push(format!("{}: master weights are all zero", src.name));
-            }
-            send(Piece::Begin {
-                name,
-                scale: t.scale,
-            })?;
-            send(Piece::Data(ternary::tq2_to(layout, t.tq2, rows, cols)))?;
         }
     }
     send(Piece::End {
@@ -378,69 +412,42 @@ fn produce(
     })
 }
 
-/// The `.tern` layout of a planned tensor, after checking the source's dtype and shape.
+/// The `.tern` layout of a planned tensor, after checking the source's dtype and shape
+/// (ternary sources were checked when planned).
 fn output_layout(
     ck: &Checkpoint,
-    p: &family::Planned,
+    p: &declared::Planned,
     src: &source::SourceTensor,
     options: &Options,
 ) -> Result<Layout> {
-    let shape_error = |expected: Vec<u64>| {
-        ck.tensor_error(
+    use declared::Origin;
+    if !matches!(p.origin, Origin::Ternary { .. }) && src.shape != p.shape {
+        return Err(ck.tensor_error(
             src,
-            format!("shape {:?}, the config requires {expected:?}", src.shape),
-        )
-    };
-    match (&p.origin, p.role) {
-        (family::Origin::Float { .. }, _) => {
-            if src.shape != p.shape {
-                return Err(shape_error(p.shape.clone()));
-            }
-            let q8 = p.role == TensorRole::Embedding && options.head == HeadFormat::Q8;
-            match src.dtype {
-                Dtype::F32 | Dtype::F16 | Dtype::BF16 if q8 => Ok(Layout::Q8Row),
-                Dtype::F32 => Ok(Layout::F32),
-                Dtype::F16 => Ok(Layout::F16),
-                Dtype::BF16 => Ok(Layout::Bf16),
-                other => {
-                    Err(ck.tensor_error(src, format!("dtype {other:?}, expected BF16, F16 or F32")))
-                }
-            }
-        }
-        (family::Origin::Packed { .. }, TensorRole::Ternary) => {
-            let (out, cols) = (p.shape[0], p.shape[1]);
-            if out % 4 != 0 {
-                return Err(ck.tensor_error(
-                    src,
-                    format!(
-                        "{out} output features is not a multiple of 4, which packed weights need"
-                    ),
-                ));
-            }
-            if src.dtype != Dtype::U8 {
-                return Err(
-                    ck.tensor_error(src, format!("dtype {:?}, packed weights are U8", src.dtype))
-                );
-            }
-            if src.shape != [out / 4, cols] {
-                return Err(shape_error(vec![out / 4, cols]));
-            }
-            Ok(options.ternary.layout())
-        }
-        (family::Origin::Masters { .. }, TensorRole::Ternary) => {
-            if src.shape != p.shape {
-                return Err(shape_error(p.shape.clone()));
-            }
-            if !matches!(src.dtype, Dtype::BF16 | Dtype::F16 | Dtype::F32) {
-                return Err(ck.tensor_error(
-                    src,
-                    format!("dtype {:?}, master weights are floats", src.dtype),
-                ));
-            }
-            Ok(options.ternary.layout())
-        }
-        _ => unreachable!("planned origins match roles"),
+            format!("shape {:?}, the config requires {:?}", src.shape, p.shape),
+        ));
     }
+    let float = matches!(src.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16);
+    if !float && !matches!(p.origin, Origin::Ternary { .. }) {
+        return Err(ck.tensor_error(
+            src,
+            format!("dtype {:?}, expected BF16, F16 or F32", src.dtype),
+        ));
+    }
+    Ok(match &p.origin {
+        Origin::Ternary { .. } => options.ternary.layout(),
+        Origin::Bias { .. } => Layout::F32,
+        Origin::Float { .. }
+            if p.role == TensorRole::Embedding && options.head == HeadFormat::Q8 =>
+        {
+            Layout::Q8Row
+        }
+        Origin::Float { .. } => match src.dtype {
+            Dtype::F32 => Layout::F32,
+            Dtype::F16 => Layout::F16,
+            _ => Layout::Bf16,
+        },
+    })
 }
 
 /// sha256 of every source file, in parallel.

@@ -63,7 +63,10 @@ impl Preset {
             rms_norm_eps: 1e-5,
             rope_theta: 500000.0,
             rope_style: RopeStyle::RotateHalf,
+            rope_scaling: None,
             activation: Activation::Relu2,
+            attention_bias: false,
+            mlp_bias: false,
             attn_sub_norm: true,
             ffn_sub_norm: true,
             tie_word_embeddings: true,
@@ -122,6 +125,7 @@ fn metadata(preset: Preset, config: ModelConfig) -> Metadata {
             scale_convention: ScaleConvention::Multiply,
             source_files: vec![],
             converter: crate::CONVERTER.to_string(),
+            decisions: vec![],
         },
     }
 }
@@ -261,7 +265,7 @@ pub fn synth_tern_with(
                 writer.end_tensor()?;
                 done += (rows * stride) as u64;
             }
-            TensorRole::Norm | TensorRole::Embedding => {
+            TensorRole::Norm | TensorRole::Bias | TensorRole::Embedding => {
                 let n: u64 = shape.iter().product();
                 let norm = *role == TensorRole::Norm;
                 writer.begin_tensor(&spec.name, 1.0)?;
@@ -416,7 +420,7 @@ pub fn synth_hf(
                     let v = match role {
                         _ if scale_tensor => 0.5 + 0.1 * noise.normal().abs(),
                         TensorRole::Norm => 1.0 + 0.1 * noise.normal(),
-                        TensorRole::Embedding => 0.02 * noise.normal(),
+                        TensorRole::Embedding | TensorRole::Bias => 0.02 * noise.normal(),
                         TensorRole::Ternary => noise.normal(),
                     };
                     buf.extend_from_slice(&bf16::from_f32(v).to_le_bytes());

@@ -239,6 +239,90 @@ pub fn ternarize_masters(
     })
 }
 
+/// Float weights that are already ternary: every value is `0` or `±s` for one `s > 0`
+/// (exactly, in the stored precision). Returns the TQ2 rows and `s`; or, when the tensor
+/// holds more than one magnitude, a sentence saying how many (several scales per tensor,
+/// e.g. SpectraSuite TriLM's per-slice scales, cannot be stored exactly with one scale).
+pub fn ternary_floats(
+    bytes: &[u8],
+    dtype: Dtype,
+    rows: usize,
+    cols: usize,
+) -> Result<(Vec<u8>, f32), String> {
+    let w = to_f32(bytes, dtype)?;
+    let mut magnitudes: Vec<f32> = Vec::new();
+    for &x in &w {
+        let m = x.abs();
+        if m != 0.0 && !magnitudes.contains(&m) {
+            magnitudes.push(m);
+            if magnitudes.len() > 64 {
+                break;
+            }
+        }
+    }
+    let s = match magnitudes[..] {
+        [] => 1.0, // all zero: any scale is exact
+        [s] => s,
+        _ => {
+            let n = if magnitudes.len() > 64 {
+                "more than 64".to_string()
+            } else {
+                magnitudes.len().to_string()
+            };
+            return Err(format!(
+                "the float weights are not ternary: {n} distinct magnitudes where a ternary \
+                 tensor with one scale has 1{}",
+                if magnitudes.len() <= 64 {
+                    " (several scales per tensor, like TriLM's per-slice scales, cannot be \
+                     stored exactly with the one scale per tensor of the .tern format)"
+                } else {
+                    ""
+                }
+            ));
+        }
+    };
+    let row_bytes = tq2::row_bytes(cols as u64) as usize;
+    let mut out = vec![0u8; rows * row_bytes];
+    let mut trits = vec![0i8; cols];
+    for (dst, row) in out.chunks_exact_mut(row_bytes).zip(w.chunks_exact(cols)) {
+        for (t, &x) in trits.iter_mut().zip(row) {
+            *t = if x > 0.0 {
+                1
+            } else if x < 0.0 {
+                -1
+            } else {
+                0
+            };
+        }
+        tq2::pack_row(&trits, dst);
+    }
+    Ok((out, s))
+}
+
+/// The value of a one-element tensor (`weight_scale`, shape `[1]` or `[]`), finite and
+/// positive.
+pub fn single_value(bytes: &[u8], dtype: Dtype) -> Result<f32, String> {
+    let v = to_f32(bytes, dtype).map_err(|e| format!("weight_scale: {e}"))?;
+    match v[..] {
+        [ws] if ws > 0.0 => Ok(ws),
+        [ws] => Err(format!("weight_scale is {ws}, must be positive")),
+        _ => Err(format!("weight_scale has {} elements, expected 1", v.len())),
+    }
+}
+
+/// A warning when a normalized scale (the magnitude of every non-zero weight) is outside
+/// what trained BitNet checkpoints hold — the sign of a `weight_scale` read with the wrong
+/// convention: `1/mean|W|` multiplied instead of divided gives magnitudes in the tens or
+/// hundreds (real checkpoints: about 0.001 to 2; microsoft/bitnet-b1.58-2B-4T ≈ 1.5).
+pub fn implausible_scale(scale: f32) -> Option<String> {
+    (scale > 8.0).then(|| {
+        format!(
+            "every weight has magnitude {scale}: implausibly large for a trained model (is \
+             weight_scale 1/mean|W|, read with the multiply convention?)"
+        )
+    })
+}
+
 /// Reads a one-element `weight_scale` (bf16, f16 or f32; shape `[1]` or `[]`) and returns
 /// the normalized scale: true weight = scale × trit.
 pub fn normalized_scale(

@@ -32,6 +32,25 @@ pub enum RopeStyle {
     Interleaved,
 }
 
+/// RoPE frequency scaling, as transformers' `rope_type` computes it (docs/format.md §4.1).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum RopeScaling {
+    /// `inv_freq / factor` (transformers' "linear").
+    Linear { factor: f64 },
+    /// Llama 3.1's wavelength-dependent scaling (transformers' "llama3").
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: u64,
+    },
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
 /// The normalized model configuration (docs/format.md §4).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
@@ -47,7 +66,16 @@ pub struct ModelConfig {
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
     pub rope_style: RopeStyle,
+    /// RoPE scaling; absent for plain RoPE. Format 1.2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeScaling>,
     pub activation: Activation,
+    /// q/k/v/o projections have biases (`attention_bias`). Format 1.2.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub attention_bias: bool,
+    /// gate/up/down projections have biases (`mlp_bias`). Format 1.2.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub mlp_bias: bool,
     pub attn_sub_norm: bool,
     pub ffn_sub_norm: bool,
     pub tie_word_embeddings: bool,
@@ -76,6 +104,25 @@ pub struct SourceFile {
     pub sha256: String,
 }
 
+/// One decision the converter made about the source, and what it was based on (a
+/// config.json field, a tensor's dtype, a default, or a user override).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Decision {
+    pub axis: String,
+    pub value: String,
+    pub from: String,
+}
+
+impl Decision {
+    pub fn new(axis: &str, value: &str, from: &str) -> Decision {
+        Decision {
+            axis: axis.to_string(),
+            value: value.to_string(),
+            from: from.to_string(),
+        }
+    }
+}
+
 /// Where a `.tern` file came from.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Provenance {
@@ -83,6 +130,10 @@ pub struct Provenance {
     pub scale_convention: ScaleConvention,
     pub source_files: Vec<SourceFile>,
     pub converter: String,
+    /// How each axis of the source was decided (model class, scale convention, activation,
+    /// RoPE, …).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub decisions: Vec<Decision>,
 }
 
 /// The metadata section (UTF-8 JSON). Unknown keys are ignored when reading.
@@ -135,6 +186,32 @@ impl ModelConfig {
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
             return Err(format!("rope_theta {} is not positive", self.rope_theta));
         }
+        match self.rope_scaling {
+            None => {}
+            Some(RopeScaling::Linear { factor }) => positive_finite("rope_scaling.factor", factor)?,
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => {
+                positive_finite("rope_scaling.factor", factor)?;
+                positive_finite("rope_scaling.low_freq_factor", low_freq_factor)?;
+                positive_finite("rope_scaling.high_freq_factor", high_freq_factor)?;
+                if high_freq_factor <= low_freq_factor {
+                    return Err(format!(
+                        "rope_scaling.high_freq_factor {high_freq_factor} is not above low_freq_factor {low_freq_factor}"
+                    ));
+                }
+                if original_max_position_embeddings == 0
+                    || original_max_position_embeddings > crate::limits::MAX_DIM
+                {
+                    return Err(format!(
+                        "rope_scaling.original_max_position_embeddings is {original_max_position_embeddings}, must be between 1 and 2^32"
+                    ));
+                }
+            }
+        }
         for &id in self.bos_token_id.iter().chain(&self.eos_token_ids) {
             if u64::from(id) >= self.vocab_size {
                 return Err(format!(
@@ -144,6 +221,57 @@ impl ModelConfig {
             }
         }
         Ok(())
+    }
+
+    /// The lowest format minor version that can hold this config (docs/format.md §8): 2 for
+    /// RoPE scaling or linear biases, else 0.
+    pub fn since_minor(&self) -> u16 {
+        if self.rope_scaling.is_some() || self.attention_bias || self.mlp_bias {
+            2
+        } else {
+            0
+        }
+    }
+
+    /// RoPE inverse frequencies, `head_dim / 2` of them, computed in f32 in the order
+    /// transformers computes them (`modeling_rope_utils.py`): `1 / theta^(2i/d)`, then the
+    /// scaling of `rope_type`.
+    pub fn rope_inv_freq(&self) -> Vec<f32> {
+        let d = self.head_dim as usize;
+        let theta = self.rope_theta as f32;
+        let base = (0..d / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / d as f32));
+        match self.rope_scaling {
+            None => base.collect(),
+            Some(RopeScaling::Linear { factor }) => base.map(|f| f / factor as f32).collect(),
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => {
+                // transformers: wavelen = 2π / f; wavelengths above old/low are divided by
+                // factor, those between old/high and old/low interpolate smoothly.
+                let (factor, low) = (factor as f32, low_freq_factor as f32);
+                let old = original_max_position_embeddings as f32;
+                let low_wavelen =
+                    (original_max_position_embeddings as f64 / low_freq_factor) as f32;
+                let high_wavelen =
+                    (original_max_position_embeddings as f64 / high_freq_factor) as f32;
+                let span = (high_freq_factor - low_freq_factor) as f32;
+                base.map(|f| {
+                    let wavelen = std::f64::consts::TAU as f32 / f;
+                    let scaled = if wavelen > low_wavelen { f / factor } else { f };
+                    let medium = wavelen >= high_wavelen && wavelen <= low_wavelen;
+                    if medium {
+                        let smooth = (old / wavelen - low) / span;
+                        (1.0 - smooth) * scaled / factor + smooth * scaled
+                    } else {
+                        scaled
+                    }
+                })
+                .collect()
+            }
+        }
     }
 
     /// Width of the attention output (input of o_proj).
@@ -157,6 +285,14 @@ impl ModelConfig {
     }
 }
 
+fn positive_finite(name: &str, v: f64) -> Result<(), String> {
+    if v.is_finite() && v > 0.0 {
+        Ok(())
+    } else {
+        Err(format!("{name} {v} is not positive"))
+    }
+}
+
 /// What kind of data a tensor of the model holds, which decides its allowed layouts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TensorRole {
@@ -166,13 +302,15 @@ pub enum TensorRole {
     Norm,
     /// A BitLinear weight: a ternary layout.
     Ternary,
+    /// A BitLinear bias (`attention_bias`, `mlp_bias`): a float layout.
+    Bias,
 }
 
 impl TensorRole {
     pub fn allows(self, layout: Layout) -> bool {
         match self {
             TensorRole::Embedding => layout.is_float() || layout == Layout::Q8Row,
-            TensorRole::Norm => layout.is_float(),
+            TensorRole::Norm | TensorRole::Bias => layout.is_float(),
             TensorRole::Ternary => layout.is_ternary(),
         }
     }
@@ -191,21 +329,20 @@ pub fn expected_tensors(c: &ModelConfig) -> Vec<(String, Vec<u64>, TensorRole)> 
     for l in 0..c.num_hidden_layers {
         let p = format!("model.layers.{l}");
         out.push((format!("{p}.input_layernorm.weight"), vec![h], Norm));
-        out.push((
-            format!("{p}.self_attn.q_proj.weight"),
-            vec![c.attn_dim(), h],
-            Ternary,
-        ));
-        out.push((
-            format!("{p}.self_attn.k_proj.weight"),
-            vec![c.kv_dim(), h],
-            Ternary,
-        ));
-        out.push((
-            format!("{p}.self_attn.v_proj.weight"),
-            vec![c.kv_dim(), h],
-            Ternary,
-        ));
+        let linear = |out: &mut Vec<(String, Vec<u64>, TensorRole)>,
+                      name: &str,
+                      rows: u64,
+                      cols: u64,
+                      bias: bool| {
+            out.push((format!("{p}.{name}.weight"), vec![rows, cols], Ternary));
+            if bias {
+                out.push((format!("{p}.{name}.bias"), vec![rows], Bias));
+            }
+        };
+        let (ab, mb) = (c.attention_bias, c.mlp_bias);
+        linear(&mut out, "self_attn.q_proj", c.attn_dim(), h, ab);
+        linear(&mut out, "self_attn.k_proj", c.kv_dim(), h, ab);
+        linear(&mut out, "self_attn.v_proj", c.kv_dim(), h, ab);
         if c.attn_sub_norm {
             out.push((
                 format!("{p}.self_attn.attn_sub_norm.weight"),
@@ -213,22 +350,18 @@ pub fn expected_tensors(c: &ModelConfig) -> Vec<(String, Vec<u64>, TensorRole)> 
                 Norm,
             ));
         }
-        out.push((
-            format!("{p}.self_attn.o_proj.weight"),
-            vec![h, c.attn_dim()],
-            Ternary,
-        ));
+        linear(&mut out, "self_attn.o_proj", h, c.attn_dim(), ab);
         out.push((
             format!("{p}.post_attention_layernorm.weight"),
             vec![h],
             Norm,
         ));
-        out.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h], Ternary));
-        out.push((format!("{p}.mlp.up_proj.weight"), vec![i, h], Ternary));
+        linear(&mut out, "mlp.gate_proj", i, h, mb);
+        linear(&mut out, "mlp.up_proj", i, h, mb);
         if c.ffn_sub_norm {
             out.push((format!("{p}.mlp.ffn_sub_norm.weight"), vec![i], Norm));
         }
-        out.push((format!("{p}.mlp.down_proj.weight"), vec![h, i], Ternary));
+        linear(&mut out, "mlp.down_proj", h, i, mb);
     }
     out.push(("model.norm.weight".to_string(), vec![h], Norm));
     if !c.tie_word_embeddings {

@@ -19,8 +19,8 @@ pub mod tq2;
 mod writer;
 
 pub use config::{
-    expected_tensors, Activation, Architecture, Metadata, ModelConfig, Provenance, RopeStyle,
-    ScaleConvention, SourceFile, TensorRole,
+    expected_tensors, Activation, Architecture, Decision, Metadata, ModelConfig, Provenance,
+    RopeScaling, RopeStyle, ScaleConvention, SourceFile, TensorRole,
 };
 pub use error::{Error, Problem, TensorProblem};
 pub use layout::Layout;
@@ -31,9 +31,10 @@ pub use writer::{TensorSpec, Writer};
 pub const MAGIC: [u8; 8] = *b"TERN\r\n\x1a\n";
 /// Major version this crate reads and writes; files with another major are rejected.
 pub const MAJOR: u16 = 1;
-/// Newest minor version this crate knows (it writes the lowest minor a file's layouts need);
+/// Newest minor version this crate knows (it writes the lowest minor a file's layouts and
+/// config need);
 /// files with a higher minor are accepted.
-pub const MINOR: u16 = 1;
+pub const MINOR: u16 = 2;
 /// Alignment of tensor data written by this crate.
 pub const ALIGNMENT: u32 = 64;
 /// Size of the fixed header.

@@ -209,6 +209,12 @@ pub fn parse(bytes: &[u8]) -> Result<Parsed, Problem> {
     let metadata: Metadata =
         serde_json::from_str(&metadata_json).map_err(|e| Problem::MetadataJson(e.to_string()))?;
     metadata.config.validate().map_err(Problem::Config)?;
+    if metadata.config.since_minor() > minor {
+        return Err(Problem::Config(format!(
+            "the config uses RoPE scaling or linear biases, which need format 1.{}, but the file says 1.{minor}",
+            metadata.config.since_minor()
+        )));
+    }
 
     let tensors = parse_directory(
         &bytes[dir_off as usize..body_end],

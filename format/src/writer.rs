@@ -91,11 +91,12 @@ impl Writer {
         let mut prefix = Vec::with_capacity(HEADER_LEN + meta.len() + tokenizer_json.len());
         prefix.extend_from_slice(&MAGIC);
         prefix.extend_from_slice(&MAJOR.to_le_bytes());
-        // The lowest minor that holds every layout used: files without the 1.1 layouts stay
-        // readable as 1.0 by readers that predate them.
+        // The lowest minor that holds every layout and config feature used: files without
+        // them stay readable by readers that predate them.
         let minor = slots
             .iter()
             .map(|s| s.spec.layout.since_minor())
+            .chain([metadata.config.since_minor()])
             .max()
             .unwrap_or(0);
         debug_assert!(minor <= MINOR);

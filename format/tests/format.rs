@@ -18,7 +18,10 @@ fn config(tied: bool) -> ModelConfig {
         rms_norm_eps: 1e-5,
         rope_theta: 10000.0,
         rope_style: RopeStyle::RotateHalf,
+        rope_scaling: None,
         activation: Activation::Relu2,
+        attention_bias: false,
+        mlp_bias: false,
         attn_sub_norm: true,
         ffn_sub_norm: true,
         tie_word_embeddings: tied,
@@ -41,6 +44,7 @@ fn metadata(tied: bool) -> Metadata {
                 sha256: "00".into(),
             }],
             converter: "test".into(),
+            decisions: vec![],
         },
     }
 }
@@ -90,7 +94,7 @@ fn write_model_with(path: &Path, float: Layout, tern: Layout, embed: Option<Layo
             layout: match role {
                 TensorRole::Ternary => tern,
                 TensorRole::Embedding => embed.unwrap_or(float),
-                TensorRole::Norm => float,
+                TensorRole::Norm | TensorRole::Bias => float,
             },
             shape,
         })
@@ -176,7 +180,7 @@ fn compact_layouts_round_trip_and_verify() {
             match role {
                 TensorRole::Ternary => assert_eq!(layout, Layout::Tq1),
                 TensorRole::Embedding => assert_eq!(layout, Layout::Q8Row),
-                TensorRole::Norm => assert_eq!(layout, Layout::Bf16),
+                TensorRole::Norm | TensorRole::Bias => assert_eq!(layout, Layout::Bf16),
             }
             assert_eq!(f.data(t), tensor_bytes(i, layout, shape).as_slice());
             if layout == Layout::Tq1 {

@@ -1,8 +1,28 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Result};
-use tern_convert::{hub, Family, Options};
+use anyhow::Result;
+use tern_convert::{hub, ConvertError, Options, Overrides};
+use tern_format::{Activation, ScaleConvention};
+
+/// How a stored `weight_scale` relates to the weights.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum WeightScale {
+    /// true weight = trit × weight_scale (autobitlinear: weight_scale = mean|W|)
+    #[value(name = "multiply")]
+    Multiply,
+    /// true weight = trit / weight_scale (bitlinear: weight_scale = 1/mean|W|)
+    #[value(name = "divide")]
+    Divide,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Act {
+    #[value(name = "relu2")]
+    Relu2,
+    #[value(name = "silu")]
+    Silu,
+}
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -15,10 +35,16 @@ pub struct Args {
     /// Revision of a cached repo id (branch, tag or commit)
     #[arg(long)]
     revision: Option<String>,
-    /// Checkpoint family, instead of detecting it: bitnet-packed, bitnet-masters,
-    /// llama-bitlinear, 1bitllm
+    /// Read weight_scale with this convention instead of the one quantization_config
+    /// declares (linear_class autobitlinear multiplies, bitlinear divides)
+    #[arg(long, value_enum)]
+    weight_scale: Option<WeightScale>,
+    /// Use this MLP activation instead of config.json's hidden_act
+    #[arg(long, value_enum)]
+    activation: Option<Act>,
+    /// Allow --weight-scale / --activation to contradict what the checkpoint declares
     #[arg(long)]
-    family: Option<String>,
+    allow_contradiction: bool,
     /// Ternary layout: tq2 (2 bits/weight, fastest kernels) or tq1 (1.6 bits/weight)
     #[arg(long, default_value = "tq2")]
     layout: String,
@@ -41,22 +67,23 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
-    let family = match &args.family {
-        None => None,
-        Some(name) => match Family::parse(name) {
-            Some(f) => Some(f),
-            None => bail!(
-                "unknown family {name:?}; one of: {}",
-                Family::ALL.map(|f| f.name()).join(", ")
-            ),
-        },
+    let overrides = Overrides {
+        scale_convention: args.weight_scale.map(|w| match w {
+            WeightScale::Multiply => ScaleConvention::Multiply,
+            WeightScale::Divide => ScaleConvention::Divide,
+        }),
+        activation: args.activation.map(|a| match a {
+            Act::Relu2 => Activation::Relu2,
+            Act::Silu => Activation::Silu,
+        }),
+        allow_contradiction: args.allow_contradiction,
     };
     let (ternary, head) = super::compact_options(&args.layout, &args.head)?;
     let source = hub::resolve(&args.source, args.revision.as_deref())?;
     let options = Options {
         ternary,
         head,
-        family,
+        overrides,
         strict: args.strict,
         force: args.force,
     };
@@ -64,6 +91,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let report = tern_convert::convert(&source, &args.output, &options, &|done, total| {
         bar.set_length(total);
         bar.set_position(done);
+    })
+    .map_err(|e| match e {
+        ConvertError::Contradiction { .. } => {
+            anyhow::anyhow!("{e} (pass --allow-contradiction to convert anyway)")
+        }
+        e => e.into(),
     })?;
     bar.finish_and_clear();
     if args.json {

@@ -3,7 +3,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use serde_json::json;
-use tern_convert::{compare::compare_with_source, hub, Family};
+use tern_convert::{compare::compare_with_source, hub};
 use tern_infer::generate::tokenizer_from_file;
 use tern_infer::model::Model;
 use tern_infer::verify::{kernel_parity, reference_parity, Parity, Thresholds};
@@ -28,9 +28,6 @@ pub struct Args {
     /// Revision of a cached repo id given to --source
     #[arg(long)]
     revision: Option<String>,
-    /// Family of the source, instead of detecting it
-    #[arg(long)]
-    family: Option<String>,
     /// transformers reference outputs (safetensors; fixtures/README.md) to compare against
     #[arg(long)]
     reference: Option<PathBuf>,
@@ -86,12 +83,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let source = match &args.source {
         None => None,
         Some(spec) => {
-            let family = match &args.family {
-                None => None,
-                Some(n) => Some(Family::parse(n).with_context(|| format!("unknown family {n:?}"))?),
-            };
             let dir = hub::resolve(spec, args.revision.as_deref())?;
-            let cmp = compare_with_source(&file, &dir, family)?;
+            let cmp = compare_with_source(&file, &dir)?;
+            for w in &cmp.warnings {
+                eprintln!("warning: {w}");
+            }
             if !cmp.exact() {
                 let first = cmp.first_mismatches.first().map_or(String::new(), |m| {
                     format!(
