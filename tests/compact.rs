@@ -36,7 +36,7 @@ fn logits(path: &Path, kernels: Kernels, pool: &Pool, ids: &[u32]) -> Vec<f32> {
     let file = TernFile::open(path).unwrap();
     let model = Model::load(&file).unwrap();
     // Prefill (all positions), then two decode steps through the KV cache.
-    let mut state = State::new(&model, kernels, pool, 64);
+    let mut state = State::new(&model, kernels, pool, 64).unwrap();
     model
         .forward(pool, &mut state, ids, Logits::All, &mut NoProbe)
         .unwrap();

@@ -84,7 +84,7 @@ fn greedy_continuations_are_identical() {
             .iter()
             .map(|v| v.as_u64().unwrap() as u32)
             .collect();
-        let mut state = State::new(&model, kernels, &pool, 64);
+        let mut state = State::new(&model, kernels, &pool, 64).unwrap();
         model
             .forward(&pool, &mut state, &ids, Logits::Last, &mut NoProbe)
             .unwrap();
@@ -144,11 +144,11 @@ fn logits_of_long_inputs_cover_every_position() {
     let pool = Pool::new(2);
     let kernels = *Kernels::best();
     let ids: Vec<u32> = (0..150).map(|i| (i * 37 % 2000) as u32).collect();
-    let mut all = State::new(&model, kernels, &pool, 160);
+    let mut all = State::new(&model, kernels, &pool, 160).unwrap();
     model
         .forward(&pool, &mut all, &ids, Logits::All, &mut NoProbe)
         .unwrap();
-    let mut one = State::new(&model, kernels, &pool, 160);
+    let mut one = State::new(&model, kernels, &pool, 160).unwrap();
     for (t, &id) in ids.iter().enumerate() {
         model
             .forward(&pool, &mut one, &[id], Logits::Last, &mut NoProbe)

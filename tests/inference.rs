@@ -75,7 +75,7 @@ fn run_fixture(name: &str) {
                 let greedy_logits = reference.get(&format!("prompt.{p}.greedy_logits"));
 
                 // One forward over the prompt: every position's logits, and hidden states.
-                let mut state = State::new(&model, kernels, &pool, 128);
+                let mut state = State::new(&model, kernels, &pool, 128).unwrap();
                 let mut embeddings = Embeddings(Vec::new());
                 model
                     .forward(&pool, &mut state, &ids, Logits::All, &mut embeddings)
@@ -94,7 +94,7 @@ fn run_fixture(name: &str) {
 
                 // Teacher-forced decode through the KV cache: prompt, then the reference's
                 // greedy tokens one at a time.
-                let mut state = State::new(&model, kernels, &pool, 128);
+                let mut state = State::new(&model, kernels, &pool, 128).unwrap();
                 model
                     .forward(&pool, &mut state, &ids, Logits::Last, &mut NoProbe)
                     .unwrap();
@@ -109,7 +109,7 @@ fn run_fixture(name: &str) {
                 }
 
                 // Free-running greedy continuation.
-                let mut state = State::new(&model, kernels, &pool, 128);
+                let mut state = State::new(&model, kernels, &pool, 128).unwrap();
                 model
                     .forward(&pool, &mut state, &ids, Logits::Last, &mut NoProbe)
                     .unwrap();
@@ -189,11 +189,11 @@ fn prefill_then_decode_equals_one_forward() {
     let pool = Pool::new(2);
     let kernels = *Kernels::best();
     let ids = Reference::load("bitnet-2b4t-h128").ids("prompt.2.ids");
-    let mut all = State::new(&model, kernels, &pool, 64);
+    let mut all = State::new(&model, kernels, &pool, 64).unwrap();
     model
         .forward(&pool, &mut all, &ids, Logits::All, &mut NoProbe)
         .unwrap();
-    let mut step = State::new(&model, kernels, &pool, 64);
+    let mut step = State::new(&model, kernels, &pool, 64).unwrap();
     model
         .forward(&pool, &mut step, &ids[..20], Logits::Last, &mut NoProbe)
         .unwrap();
@@ -219,7 +219,7 @@ fn bad_input_gives_clear_errors() {
     let file = TernFile::open(&path).unwrap();
     let model = Model::load(&file).unwrap();
     let pool = Pool::new(1);
-    let mut state = State::new(&model, *Kernels::best(), &pool, 8);
+    let mut state = State::new(&model, *Kernels::best(), &pool, 8).unwrap();
     let err = model
         .forward(&pool, &mut state, &[1, 9999], Logits::Last, &mut NoProbe)
         .unwrap_err();

@@ -210,3 +210,66 @@ fn a_damaged_file_fails_integrity() {
         "{text}"
     );
 }
+
+/// Records the hidden states entering each layer.
+struct Hidden(Vec<Vec<f32>>);
+impl tern_infer::reference::Probe for Hidden {
+    fn hidden(&mut self, layer: usize, h: &[f32]) {
+        if self.0.len() <= layer {
+            self.0.resize(layer + 1, Vec::new());
+        }
+        self.0[layer].extend_from_slice(h); // token-major, over the prefill chunks
+    }
+}
+
+#[test]
+fn one_layer_alone_equals_that_layer_in_the_forward() {
+    use tern_infer::kernels::Kernels;
+    use tern_infer::model::{Logits, Model, State};
+    use tern_infer::pool::Pool;
+    use tern_infer::reference::NoProbe;
+    let dir = tempfile::tempdir().unwrap();
+    let path = convert("bitnet-2b4t-h64", dir.path());
+    let file = tern_format::TernFile::open(&path).unwrap();
+    let model = Model::load(&file).unwrap();
+    let (pool, kernels) = (Pool::new(2), *Kernels::best());
+    // More tokens than one prefill batch, so the layer runs in chunks too.
+    let ids: Vec<u32> = (0..70).map(|i| i * 7 % 300).collect();
+    let mut state = State::new(&model, kernels, &pool, 80).unwrap();
+    let mut seen = Hidden(Vec::new());
+    model
+        .forward(&pool, &mut state, &ids, Logits::All, &mut seen)
+        .unwrap();
+    let layers = model.layers.len();
+    let mut alone = State::new(&model, kernels, &pool, 80).unwrap();
+    for l in 0..layers {
+        let mut x = seen.0[l].clone();
+        model
+            .forward_layer(&pool, &mut alone, l, &mut x, &mut NoProbe)
+            .unwrap();
+        if l + 1 == layers {
+            model.final_norm_rows(&mut x);
+        }
+        assert_eq!(x, seen.0[l + 1], "layer {l}");
+    }
+    let (h, vocab) = (
+        model.config.hidden_size as usize,
+        model.config.vocab_size as usize,
+    );
+    let mut logits = vec![0.0; vocab];
+    let last = &seen.0[layers][(ids.len() - 1) * h..];
+    model.head_logits(&pool, &alone, last, &mut logits).unwrap();
+    let t = ids.len() - 1;
+    assert_eq!(logits, state.logits[t * vocab..(t + 1) * vocab]);
+
+    // A state is tied to its pool's size, and sizes that overflow are errors.
+    let err = model
+        .forward(&Pool::new(3), &mut state, &[1], Logits::Last, &mut NoProbe)
+        .unwrap_err();
+    assert!(err.to_string().contains("pool of 2 threads"), "{err}");
+    let err = model
+        .forward_layer(&pool, &mut alone, layers, &mut vec![0.0; h], &mut NoProbe)
+        .unwrap_err();
+    assert!(err.to_string().contains("does not exist"), "{err}");
+    assert!(State::new(&model, kernels, &pool, usize::MAX / 2).is_err());
+}

@@ -71,7 +71,7 @@ pub fn time_prefill(
     kernels: Kernels,
     n: usize,
 ) -> Result<f64, InferError> {
-    let mut state = State::new(model, kernels, pool, n);
+    let mut state = State::new(model, kernels, pool, n)?;
     let ids = tokens(n, model.config.vocab_size as usize, 1);
     let start = Instant::now();
     model.forward(pool, &mut state, &ids, Logits::Last, &mut NoProbe)?;
@@ -87,7 +87,7 @@ pub fn time_decode(
     context: usize,
     n: usize,
 ) -> Result<f64, InferError> {
-    let mut state = State::new(model, kernels, pool, context + n + 1);
+    let mut state = State::new(model, kernels, pool, context + n + 1)?;
     let ids = tokens(n + 1, model.config.vocab_size as usize, 2);
     state.pos = context;
     model.forward(pool, &mut state, &ids[..1], Logits::Last, &mut NoProbe)?; // warm up

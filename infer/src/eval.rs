@@ -60,7 +60,7 @@ pub fn perplexity(
     }
     let vocab = model.config.vocab_size as usize;
     let chunks: Vec<&[u32]> = ids.chunks(window - 1).collect();
-    let mut state = State::new(model, kernels, pool, window);
+    let mut state = State::new(model, kernels, pool, window)?;
     let mut input = Vec::with_capacity(window);
     let mut total = 0.0f64;
     for (i, chunk) in chunks.iter().enumerate() {

@@ -1,10 +1,13 @@
-//! The model: weights borrowed from the memory-mapped `.tern` file, and the forward pass.
+//! The model: weights borrowed from the memory-mapped `.tern` file, and the fast forward pass.
 //!
-//! Read `Model::forward` top to bottom: it is the whole network, in the order of
-//! transformers' `BitNetForCausalLM` / `LlamaForCausalLM` (checkpoints.md §5.2). Numerics:
-//! activations are f32; each BitLinear quantizes its input per token to int8 (absmax,
-//! round half to even), takes exact integer dot products with the ternary weights, then
-//! applies `weight_scale / activation_scale`. q/k/v share one quantization, as do gate/up.
+//! To learn the network, read `reference.rs`: the whole forward in one sitting, one token at
+//! a time. This file is the same network batched, threaded and on the SIMD kernels:
+//! `Model::forward` embeds a batch, then per layer `attention_block` and `mlp_block`, then
+//! the final norm and the head. Numerics: activations are f32; each BitLinear quantizes its
+//! input per token to int8 (absmax, round half to even), takes exact integer dot products
+//! with the ternary weights, then applies `weight_scale / activation_scale`. q/k/v share one
+//! quantization, as do gate/up. `forward_layer` and `head_logits` run one piece alone, for
+//! layer-local verification.
 
 use std::sync::Mutex;
 
@@ -292,16 +295,50 @@ pub enum Logits {
     All,
 }
 
-/// The KV cache and every scratch buffer, allocated once for a context length and a
-/// maximum batch: `forward` allocates nothing.
-pub struct State {
-    pub ctx: usize,
-    pub pos: usize,
-    max_batch: usize,
+/// Tokens per forward call in prefill; longer prompts are processed in chunks.
+pub const PREFILL_CHUNK: usize = 64;
+
+/// Keys and values of every layer, each `[layers, ctx, kv_dim]`.
+struct KvCache {
+    keys: Vec<f32>,
+    values: Vec<f32>,
+    ctx: usize,
+    kv: usize,
+}
+
+impl KvCache {
+    /// Layer `l`'s keys and values, `[ctx, kv_dim]` each.
+    fn layer(&self, l: usize) -> (&[f32], &[f32]) {
+        let r = l * self.ctx * self.kv..(l + 1) * self.ctx * self.kv;
+        (&self.keys[r.clone()], &self.values[r])
+    }
+
+    fn store(&mut self, l: usize, pos: usize, k: &[f32], v: &[f32]) {
+        let at = (l * self.ctx + pos) * self.kv;
+        self.keys[at..at + self.kv].copy_from_slice(k);
+        self.values[at..at + self.kv].copy_from_slice(v);
+    }
+}
+
+/// The int8 activations of the last quantization, and the products of the matrix calls
+/// that read them.
+struct Quantized {
     kernels: Kernels,
-    key_cache: Vec<f32>,
-    value_cache: Vec<f32>,
+    codes: Vec<i8>,
+    /// Row stride of `codes` as last quantized: the `act_stride` of the consuming matrices.
+    stride: usize,
+    rows: Vec<QuantRow>,
+    sums: Vec<i32>,
+    /// Products of the last matrix call, `[rows, n]` in pieces (see `bitlinear`).
+    acc: Vec<i32>,
+}
+
+/// Working memory of one batch of at most [`PREFILL_CHUNK`] tokens, apart from the cache.
+struct Scratch {
+    kernels: Kernels,
+    /// The residual stream, `[batch, hidden]`.
     x: Vec<f32>,
+    /// Normed input of a block, then the output of its last matrix.
     xn: Vec<f32>,
     q: Vec<f32>,
     k: Vec<f32>,
@@ -309,25 +346,46 @@ pub struct State {
     att_out: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
-    scores: Vec<Mutex<Vec<f32>>>,
-    qact: Vec<i8>,
-    /// Row stride of `qact` as last quantized: the `act_len` of the consuming matrices.
-    qstride: usize,
-    qrows: Vec<QuantRow>,
-    qsums: Vec<i32>,
-    /// Products of the last matrix call, `[rows, n]` in pieces (see `bitlinear`).
-    acc: Vec<i32>,
     /// Rotary `(sin, cos)` of the batch's positions, `[batch, head_dim / 2]`.
     angles: Vec<(f32, f32)>,
-    /// Logits, `[batch or 1, vocab]`.
+    /// One row of attention scores per query head of a KV group, per worker of the pool.
+    scores: Vec<Mutex<Vec<f32>>>,
+    quant: Quantized,
+}
+
+/// The KV cache and every scratch buffer, allocated once for a context length and a pool:
+/// `forward` allocates nothing, and refuses a pool of another size.
+pub struct State {
+    pub ctx: usize,
+    pub pos: usize,
+    /// Workers of the pool the per-worker buffers were sized for.
+    threads: usize,
+    cache: KvCache,
+    scratch: Scratch,
+    /// Logits, `[ctx, vocab]`: with [`Logits::Last`] only the first row is written.
     pub logits: Vec<f32>,
 }
 
-/// Tokens per forward call in prefill; longer prompts are processed in chunks.
-pub const PREFILL_CHUNK: usize = 64;
+/// A zeroed buffer of `n` values; `None` (an overflowed size) is an error naming `what`.
+fn zeroed<T: Clone + Default>(n: Option<usize>, what: &str) -> Result<Vec<T>, InferError> {
+    let bytes = n.and_then(|n| n.checked_mul(std::mem::size_of::<T>()));
+    match (n, bytes) {
+        (Some(n), Some(b)) if b <= isize::MAX as usize => Ok(vec![T::default(); n]),
+        _ => Err(InferError::Input(format!(
+            "the {what} of this context length does not fit in memory"
+        ))),
+    }
+}
 
 impl State {
-    pub fn new(model: &Model, kernels: Kernels, pool: &Pool, ctx: usize) -> State {
+    /// Buffers for `ctx` positions run on `pool` (its worker count is remembered).
+    /// Zeroed allocations are lazily backed: the cache and logits cost memory as they fill.
+    pub fn new(
+        model: &Model,
+        kernels: Kernels,
+        pool: &Pool,
+        ctx: usize,
+    ) -> Result<State, InferError> {
         let c = &model.config;
         let (h, kv, attn, inter, vocab) = (
             c.hidden_size as usize,
@@ -343,40 +401,77 @@ impl State {
         // Room for a TQ2 (128-column) or TQ1 (160-column, then to 128) padded row.
         let padded = widest.div_ceil(160) * 160;
         let padded = padded.div_ceil(128) * 128;
-        let layers = c.num_hidden_layers as usize;
         let rows = attn.max(kv).max(inter).max(h);
-        // Zeroed allocations are lazily backed: the cache costs memory as it fills.
-        State {
+        let cache_len = model
+            .layers
+            .len()
+            .checked_mul(ctx)
+            .and_then(|n| n.checked_mul(kv));
+        let scores = (0..pool.threads())
+            .map(|_| zeroed(group.checked_mul(ctx), "attention scores").map(Mutex::new))
+            .collect::<Result<_, _>>()?;
+        Ok(State {
             ctx,
             pos: 0,
-            max_batch: b,
-            kernels,
-            key_cache: vec![0.0; layers * ctx * kv],
-            value_cache: vec![0.0; layers * ctx * kv],
-            x: vec![0.0; b * h],
-            xn: vec![0.0; b * widest],
-            q: vec![0.0; b * attn],
-            k: vec![0.0; b * kv],
-            v: vec![0.0; b * kv],
-            att_out: vec![0.0; b * attn],
-            gate: vec![0.0; b * inter],
-            up: vec![0.0; b * inter],
-            scores: (0..pool.threads())
-                .map(|_| Mutex::new(vec![0.0; group * ctx]))
-                .collect(),
-            qact: vec![0; b * padded],
-            qstride: 0,
-            qrows: vec![QuantRow { scale: 0.0, sum: 0 }; b],
-            qsums: vec![0; b],
-            acc: vec![0; b * rows],
-            angles: Vec::with_capacity(b * model.inv_freq.len()),
-            logits: vec![0.0; b * vocab],
-        }
+            threads: pool.threads(),
+            cache: KvCache {
+                keys: zeroed(cache_len, "KV cache")?,
+                values: zeroed(cache_len, "KV cache")?,
+                ctx,
+                kv,
+            },
+            scratch: Scratch {
+                kernels,
+                x: vec![0.0; b * h],
+                xn: vec![0.0; b * widest],
+                q: vec![0.0; b * attn],
+                k: vec![0.0; b * kv],
+                v: vec![0.0; b * kv],
+                att_out: vec![0.0; b * attn],
+                gate: vec![0.0; b * inter],
+                up: vec![0.0; b * inter],
+                angles: vec![(0.0, 0.0); b * model.inv_freq.len()],
+                scores,
+                quant: Quantized {
+                    kernels,
+                    codes: vec![0; b * padded],
+                    stride: 0,
+                    rows: vec![QuantRow { scale: 0.0, sum: 0 }; b],
+                    sums: vec![0; b],
+                    acc: vec![0; b * rows],
+                },
+            },
+            logits: zeroed(ctx.checked_mul(vocab), "logits")?,
+        })
     }
 
     /// Forgets the conversation: the next token is at position 0.
     pub fn reset(&mut self) {
         self.pos = 0;
+    }
+
+    /// The kernels this state runs.
+    pub fn kernels(&self) -> Kernels {
+        self.scratch.kernels
+    }
+
+    /// Refuses a pool other than the one the per-worker buffers were sized for, and a run
+    /// of `n` tokens past the context.
+    fn check(&self, pool: &Pool, n: usize) -> Result<(), InferError> {
+        if pool.threads() != self.threads {
+            return Err(InferError::Input(format!(
+                "this state was made for a pool of {} threads, not {}",
+                self.threads,
+                pool.threads()
+            )));
+        }
+        if self.pos + n > self.ctx {
+            return Err(InferError::ContextFull {
+                ctx: self.ctx,
+                needed: self.pos + n,
+            });
+        }
+        Ok(())
     }
 }
 
@@ -437,45 +532,60 @@ fn par_rows<T: Send>(
     );
 }
 
-impl State {
-    /// Quantizes `n` rows of `width` activations from `src` into `self.qact`, rows padded
-    /// with zeros to `padded` (the consumer's [`Ternary::act_stride`]).
+/// `out[t] = rms_norm(x[t])` for `n` rows of `width`, the rows split among the workers.
+fn norm_rows(pool: &Pool, out: &mut [f32], x: &[f32], n: usize, width: usize, w: &[f32], eps: f32) {
+    par_rows(pool, out, n, width, 1, |_, ts, out| {
+        for (t, row) in ts.zip(out.chunks_exact_mut(width)) {
+            row.copy_from_slice(&x[t * width..(t + 1) * width]);
+            rms_norm(row, w, eps);
+        }
+    });
+}
+
+/// `x += y` over the first `len` values: the residual connection.
+fn add_residual(x: &mut [f32], y: &[f32], len: usize) {
+    for (xv, o) in x[..len].iter_mut().zip(&y[..len]) {
+        *xv += o;
+    }
+}
+
+impl Quantized {
+    /// Quantizes `n` rows of `width` activations from `src`, rows padded with zeros to
+    /// `padded` (the consumer's [`Ternary::act_stride`]).
     fn quantize(&mut self, src: &[f32], n: usize, width: usize, padded: usize) {
-        self.qstride = padded;
+        self.stride = padded;
         for t in 0..n {
             let row = self.kernels.quantize_row(
                 &src[t * width..(t + 1) * width],
-                &mut self.qact[t * padded..(t + 1) * padded],
+                &mut self.codes[t * padded..(t + 1) * padded],
             );
-            self.qsums[t] = row.sum;
-            self.qrows[t] = row;
+            self.sums[t] = row.sum;
+            self.rows[t] = row;
         }
     }
 
     fn probe(&self, probe: &mut dyn Probe, layer: usize, site: Site, n: usize) {
-        let padded = self.qstride;
-        probe.activations(layer, site, &self.qact[..n * padded], padded);
+        probe.activations(layer, site, &self.codes[..n * self.stride], self.stride);
     }
 
     /// `out[t, r] = scale · (Σ trit · q) / s_t` for the `n` rows of `src` (`width` wide)
     /// quantized last. If the last quantization was padded for another layout (a file that
     /// mixes TQ2 and TQ1 in one group), `src` is quantized again: same values, new padding.
-    #[allow(clippy::too_many_arguments)]
     fn bitlinear(
         &mut self,
         pool: &Pool,
         w: &Ternary,
         n: usize,
-        out: &mut [f32],
         src: &[f32],
         width: usize,
+        out: &mut [f32],
     ) {
         let padded = w.act_stride();
-        if self.qstride != padded {
+        if self.stride != padded {
             self.quantize(src, n, width, padded);
         }
         let kernels = self.kernels;
-        let (qact, qsums) = (&self.qact[..n * padded], &self.qsums[..n]);
+        let (qact, qsums) = (&self.codes[..n * padded], &self.sums[..n]);
         let row_bytes = w.row_bytes();
         // Rows are cut into pieces of whole 4-row groups, claimed by the workers as they
         // become free; piece `c` (rows `rc`) holds its products as `[n, rc.len()]` in
@@ -503,7 +613,7 @@ impl State {
             }
         });
         // out[t, r] = acc / s_t · scale, gathering each token's row from the pieces.
-        let (acc, qrows) = (&self.acc, &self.qrows);
+        let (acc, qrows) = (&self.acc, &self.rows);
         let dequantize = |tokens: std::ops::Range<usize>, out: &mut [f32]| {
             for (t, o) in tokens.zip(out.chunks_exact_mut(w.rows)) {
                 let s = qrows[t].scale;
@@ -533,204 +643,279 @@ impl Model<'_> {
         want: Logits,
         probe: &mut dyn Probe,
     ) -> Result<(), InferError> {
-        let c = &self.config;
-        let vocab = c.vocab_size as usize;
+        let vocab = self.config.vocab_size as usize;
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
             return Err(InferError::Input(format!(
                 "token id {bad} is outside the vocabulary of {vocab}"
             )));
         }
-        if state.pos + tokens.len() > state.ctx {
-            return Err(InferError::ContextFull {
-                ctx: state.ctx,
-                needed: state.pos + tokens.len(),
-            });
-        }
-        if want == Logits::All && state.logits.len() < tokens.len() * vocab {
-            // Verification and evaluation only: decode never takes this path.
-            state.logits.resize(tokens.len() * vocab, 0.0);
-        }
-        for (i, chunk) in tokens.chunks(state.max_batch).enumerate() {
-            let last = (i + 1) * state.max_batch >= tokens.len();
-            let want = match want {
-                Logits::All => Some((want, i * state.max_batch)),
-                Logits::Last if last => Some((want, 0)),
+        state.check(pool, tokens.len())?;
+        for (i, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
+            let last = (i + 1) * PREFILL_CHUNK >= tokens.len();
+            let logits_at = match want {
+                Logits::All => Some((0..chunk.len(), i * PREFILL_CHUNK)),
+                Logits::Last if last => Some((chunk.len() - 1..chunk.len(), 0)),
                 Logits::Last => None,
             };
-            self.forward_batch(pool, state, chunk, want, probe);
+            self.forward_batch(pool, state, chunk, probe);
+            if let Some((rows, first)) = logits_at {
+                let h = self.config.hidden_size as usize;
+                for (i, t) in rows.enumerate() {
+                    let x = &state.scratch.x[t * h..(t + 1) * h];
+                    let out = &mut state.logits[(first + i) * vocab..(first + i + 1) * vocab];
+                    self.head_row(pool, state.scratch.kernels, x, out);
+                }
+            }
         }
         Ok(())
     }
 
-    fn forward_batch(
+    /// One batch of at most [`PREFILL_CHUNK`] tokens through every layer and the final norm,
+    /// leaving the normed hidden states in `scratch.x`.
+    fn forward_batch(&self, pool: &Pool, st: &mut State, tokens: &[u32], probe: &mut dyn Probe) {
+        let (n, h) = (tokens.len(), self.config.hidden_size as usize);
+        let s = &mut st.scratch;
+        for (t, &tok) in tokens.iter().enumerate() {
+            self.embed
+                .row_f32(tok as usize, &mut s.x[t * h..(t + 1) * h]);
+        }
+        s.set_angles(&self.inv_freq, st.pos, n);
+        for (l, layer) in self.layers.iter().enumerate() {
+            probe.hidden(l, &s.x[..n * h]);
+            self.attention_block(pool, l, layer, s, &mut st.cache, st.pos, n, probe);
+            self.mlp_block(pool, l, layer, s, n, probe);
+        }
+        self.final_norm_rows(&mut s.x[..n * h]);
+        probe.hidden(self.layers.len(), &s.x[..n * h]);
+        st.pos += n;
+    }
+
+    /// `x += o_proj(attention(q, k, v))` with q, k, v from one quantization of the normed
+    /// input; the new keys and values are stored in layer `l`'s cache at `pos0..pos0 + n`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_block(
         &self,
         pool: &Pool,
-        st: &mut State,
-        tokens: &[u32],
-        want: Option<(Logits, usize)>,
+        l: usize,
+        layer: &Layer,
+        s: &mut Scratch,
+        cache: &mut KvCache,
+        pos0: usize,
+        n: usize,
         probe: &mut dyn Probe,
     ) {
         let c = &self.config;
-        let n = tokens.len();
-        let (h, d) = (c.hidden_size as usize, c.head_dim as usize);
-        let (attn, kv, inter) = (
-            c.attn_dim() as usize,
-            c.kv_dim() as usize,
-            c.intermediate_size as usize,
+        let (h, d, eps) = (
+            c.hidden_size as usize,
+            c.head_dim as usize,
+            c.rms_norm_eps as f32,
         );
-        let eps = c.rms_norm_eps as f32;
-        let pos0 = st.pos;
-
-        let mut x = std::mem::take(&mut st.x);
-        for (t, &tok) in tokens.iter().enumerate() {
-            self.embed.row_f32(tok as usize, &mut x[t * h..(t + 1) * h]);
-        }
-        // Rotary angles of the batch's positions, shared by every head and layer.
-        let mut angles = std::mem::take(&mut st.angles);
-        angles.clear();
+        let (attn, kv, half) = (c.attn_dim() as usize, c.kv_dim() as usize, d / 2);
+        let Scratch {
+            x,
+            xn,
+            q,
+            k,
+            v,
+            angles,
+            quant,
+            ..
+        } = s;
+        norm_rows(pool, xn, x, n, h, &layer.input_norm, eps);
+        quant.quantize(xn, n, h, layer.q.act_stride());
+        quant.probe(probe, l, Site::Attention, n);
+        quant.bitlinear(pool, &layer.q, n, xn, h, q);
+        quant.bitlinear(pool, &layer.k, n, xn, h, k);
+        quant.bitlinear(pool, &layer.v, n, xn, h, v);
         for t in 0..n {
-            let pos = (pos0 + t) as f32;
-            angles.extend(self.inv_freq.iter().map(|f| (pos * f).sin_cos()));
-        }
-        let half = self.inv_freq.len();
-        // xn[t] = rms_norm(x[t]) for every token, the tokens split among the workers.
-        let normed = |xn: &mut [f32], x: &[f32], weight: &[f32]| {
-            par_rows(pool, xn, n, h, 1, |_, ts, xn| {
-                for (t, row) in ts.zip(xn.chunks_exact_mut(h)) {
-                    row.copy_from_slice(&x[t * h..(t + 1) * h]);
-                    rms_norm(row, weight, eps);
-                }
-            });
-        };
-        for (l, layer) in self.layers.iter().enumerate() {
-            probe.hidden(l, &x[..n * h]);
-            // Attention block.
-            let mut xn = std::mem::take(&mut st.xn);
-            normed(&mut xn, &x, &layer.input_norm);
-            st.quantize(&xn, n, h, layer.q.act_stride());
-            st.probe(probe, l, Site::Attention, n);
-            let (mut q, mut k, mut v) = (
-                std::mem::take(&mut st.q),
-                std::mem::take(&mut st.k),
-                std::mem::take(&mut st.v),
-            );
-            st.bitlinear(pool, &layer.q, n, &mut q, &xn, h);
-            st.bitlinear(pool, &layer.k, n, &mut k, &xn, h);
-            st.bitlinear(pool, &layer.v, n, &mut v, &xn, h);
-            for t in 0..n {
-                let at = &angles[t * half..(t + 1) * half];
-                for head in q[t * attn..(t + 1) * attn].chunks_exact_mut(d) {
-                    rope(head, at, c.rope_style);
-                }
-                for head in k[t * kv..(t + 1) * kv].chunks_exact_mut(d) {
-                    rope(head, at, c.rope_style);
-                }
-                let at = (l * st.ctx + pos0 + t) * kv;
-                st.key_cache[at..at + kv].copy_from_slice(&k[t * kv..(t + 1) * kv]);
-                st.value_cache[at..at + kv].copy_from_slice(&v[t * kv..(t + 1) * kv]);
+            let at = &angles[t * half..(t + 1) * half];
+            for head in q[t * attn..(t + 1) * attn].chunks_exact_mut(d) {
+                rope(head, at, c.rope_style);
             }
-            let mut att_out = std::mem::take(&mut st.att_out);
-            self.attention(pool, st, l, &q, n, &mut att_out);
-            (st.q, st.k, st.v) = (q, k, v);
-            if let Some(w) = &layer.attn_sub_norm {
-                par_rows(pool, &mut att_out, n, attn, 1, |_, _, rows| {
-                    for row in rows.chunks_exact_mut(attn) {
-                        rms_norm(row, w, eps);
-                    }
-                });
+            for head in k[t * kv..(t + 1) * kv].chunks_exact_mut(d) {
+                rope(head, at, c.rope_style);
             }
-            st.quantize(&att_out, n, attn, layer.o.act_stride());
-            st.probe(probe, l, Site::AttentionOutput, n);
-            st.bitlinear(pool, &layer.o, n, &mut xn, &att_out, attn);
-            st.att_out = att_out;
-            for (xv, o) in x[..n * h].iter_mut().zip(&xn[..n * h]) {
-                *xv += o;
-            }
-
-            // MLP block.
-            normed(&mut xn, &x, &layer.post_attn_norm);
-            st.quantize(&xn, n, h, layer.gate.act_stride());
-            st.probe(probe, l, Site::Mlp, n);
-            let (mut gate, mut up) = (std::mem::take(&mut st.gate), std::mem::take(&mut st.up));
-            st.bitlinear(pool, &layer.gate, n, &mut gate, &xn, h);
-            st.bitlinear(pool, &layer.up, n, &mut up, &xn, h);
-            par_rows(pool, &mut gate, n, inter, 1, |_, ts, rows| {
-                for (row, t) in rows.chunks_exact_mut(inter).zip(ts) {
-                    for (g, u) in row.iter_mut().zip(&up[t * inter..(t + 1) * inter]) {
-                        let a = match c.activation {
-                            Activation::Relu2 => {
-                                let r = g.max(0.0);
-                                r * r
-                            }
-                            Activation::Silu => *g / (1.0 + (-*g).exp()),
-                        };
-                        *g = a * u;
-                    }
-                    if let Some(w) = &layer.ffn_sub_norm {
-                        rms_norm(row, w, eps);
-                    }
-                }
-            });
-            st.quantize(&gate, n, inter, layer.down.act_stride());
-            st.probe(probe, l, Site::MlpOutput, n);
-            st.bitlinear(pool, &layer.down, n, &mut xn, &gate, inter);
-            (st.gate, st.up) = (gate, up);
-            for (xv, o) in x[..n * h].iter_mut().zip(&xn[..n * h]) {
-                *xv += o;
-            }
-            st.xn = xn;
-        }
-        st.angles = angles;
-        for row in x[..n * h].chunks_exact_mut(h) {
-            rms_norm(row, &self.final_norm, eps);
-        }
-        probe.hidden(self.layers.len(), &x[..n * h]);
-        st.pos += n;
-
-        // Which rows get logits, and where they go in `st.logits` (in rows).
-        let (rows, first): (Vec<usize>, usize) = match want {
-            None => (vec![], 0),
-            Some((Logits::Last, at)) => (vec![n - 1], at),
-            Some((Logits::All, at)) => ((0..n).collect(), at),
-        };
-        let vocab = self.head.rows;
-        for (i, &t) in rows.iter().enumerate() {
-            let i = first + i;
-            let xr = &x[t * h..(t + 1) * h];
-            let kernels = st.kernels;
-            par_rows(
-                pool,
-                &mut st.logits[i * vocab..(i + 1) * vocab],
-                vocab,
-                1,
-                16,
-                |_, r, out| {
-                    self.head.gemv(&kernels, r, xr, out);
-                },
+            cache.store(
+                l,
+                pos0 + t,
+                &k[t * kv..(t + 1) * kv],
+                &v[t * kv..(t + 1) * kv],
             );
         }
-        st.x = x;
+        self.attention(pool, s, cache.layer(l), pos0, n);
+        let Scratch {
+            x,
+            xn,
+            att_out,
+            quant,
+            ..
+        } = s;
+        if let Some(w) = &layer.attn_sub_norm {
+            par_rows(pool, att_out, n, attn, 1, |_, _, rows| {
+                for row in rows.chunks_exact_mut(attn) {
+                    rms_norm(row, w, eps);
+                }
+            });
+        }
+        quant.quantize(att_out, n, attn, layer.o.act_stride());
+        quant.probe(probe, l, Site::AttentionOutput, n);
+        quant.bitlinear(pool, &layer.o, n, att_out, attn, xn);
+        add_residual(x, xn, n * h);
     }
 
-    /// Causal self-attention of `n` new tokens against the cache (eager: softmax in f32,
-    /// the 1/sqrt(d) scale applied after q·k). Heads are spread over the pool.
+    /// `x += down(sub_norm(act(gate) · up))` with gate and up from one quantization of the
+    /// normed input.
+    fn mlp_block(
+        &self,
+        pool: &Pool,
+        l: usize,
+        layer: &Layer,
+        s: &mut Scratch,
+        n: usize,
+        probe: &mut dyn Probe,
+    ) {
+        let c = &self.config;
+        let (h, inter, eps) = (
+            c.hidden_size as usize,
+            c.intermediate_size as usize,
+            c.rms_norm_eps as f32,
+        );
+        let Scratch {
+            x,
+            xn,
+            gate,
+            up,
+            quant,
+            ..
+        } = s;
+        norm_rows(pool, xn, x, n, h, &layer.post_attn_norm, eps);
+        quant.quantize(xn, n, h, layer.gate.act_stride());
+        quant.probe(probe, l, Site::Mlp, n);
+        quant.bitlinear(pool, &layer.gate, n, xn, h, gate);
+        quant.bitlinear(pool, &layer.up, n, xn, h, up);
+        par_rows(pool, gate, n, inter, 1, |_, ts, rows| {
+            for (row, t) in rows.chunks_exact_mut(inter).zip(ts) {
+                for (g, u) in row.iter_mut().zip(&up[t * inter..(t + 1) * inter]) {
+                    let a = match c.activation {
+                        Activation::Relu2 => {
+                            let r = g.max(0.0);
+                            r * r
+                        }
+                        Activation::Silu => *g / (1.0 + (-*g).exp()),
+                    };
+                    *g = a * u;
+                }
+                if let Some(w) = &layer.ffn_sub_norm {
+                    rms_norm(row, w, eps);
+                }
+            }
+        });
+        quant.quantize(gate, n, inter, layer.down.act_stride());
+        quant.probe(probe, l, Site::MlpOutput, n);
+        quant.bitlinear(pool, &layer.down, n, gate, inter, xn);
+        add_residual(x, xn, n * h);
+    }
+
+    /// The final RMSNorm on each row of `x` (`[n, hidden]`), in place.
+    pub fn final_norm_rows(&self, x: &mut [f32]) {
+        let h = self.config.hidden_size as usize;
+        for row in x.chunks_exact_mut(h) {
+            rms_norm(row, &self.final_norm, self.config.rms_norm_eps as f32);
+        }
+    }
+
+    /// `out = head · x` for one normed hidden row, the vocabulary split among the workers.
+    fn head_row(&self, pool: &Pool, kernels: Kernels, x: &[f32], out: &mut [f32]) {
+        par_rows(pool, out, self.head.rows, 1, 16, |_, r, out| {
+            self.head.gemv(&kernels, r, x, out);
+        });
+    }
+
+    /// The logits of one hidden row after the final norm (`[hidden]` into `[vocab]`), as
+    /// the fast path computes them: for layer-local verification of the head.
+    pub fn head_logits(
+        &self,
+        pool: &Pool,
+        state: &State,
+        x: &[f32],
+        out: &mut [f32],
+    ) -> Result<(), InferError> {
+        let (h, vocab) = (self.config.hidden_size as usize, self.head.rows);
+        if x.len() != h || out.len() != vocab {
+            return Err(InferError::Input(format!(
+                "head_logits takes [{h}] into [{vocab}], not [{}] into [{}]",
+                x.len(),
+                out.len()
+            )));
+        }
+        state.check(pool, 0)?;
+        self.head_row(pool, state.scratch.kernels, x, out);
+        Ok(())
+    }
+
+    /// Runs layer `layer` alone, as the fast path does, on `hidden` (`[n, hidden]`, the
+    /// hidden states entering it for tokens at positions `state.pos..state.pos + n`),
+    /// replacing them with the states leaving it. Writes only that layer's KV cache and
+    /// does not move `state.pos`: layer-local verification feeds each layer the
+    /// reference's input and compares the output, so a flip cannot cascade.
+    pub fn forward_layer(
+        &self,
+        pool: &Pool,
+        state: &mut State,
+        layer: usize,
+        hidden: &mut [f32],
+        probe: &mut dyn Probe,
+    ) -> Result<(), InferError> {
+        let h = self.config.hidden_size as usize;
+        let Some(weights) = self.layers.get(layer) else {
+            return Err(InferError::Input(format!(
+                "layer {layer} does not exist ({} layers)",
+                self.layers.len()
+            )));
+        };
+        if !hidden.len().is_multiple_of(h) {
+            return Err(InferError::Input(format!(
+                "{} hidden values are not whole rows of {h}",
+                hidden.len()
+            )));
+        }
+        state.check(pool, hidden.len() / h)?;
+        for (i, chunk) in hidden.chunks_mut(PREFILL_CHUNK * h).enumerate() {
+            let (n, pos0) = (chunk.len() / h, state.pos + i * PREFILL_CHUNK);
+            let s = &mut state.scratch;
+            s.x[..chunk.len()].copy_from_slice(chunk);
+            s.set_angles(&self.inv_freq, pos0, n);
+            self.attention_block(pool, layer, weights, s, &mut state.cache, pos0, n, probe);
+            self.mlp_block(pool, layer, weights, s, n, probe);
+            chunk.copy_from_slice(&s.x[..chunk.len()]);
+        }
+        Ok(())
+    }
+
+    /// Causal self-attention of the `n` queries in `s.q` (positions `pos0..`) against the
+    /// cached keys and values of their layer, into `s.att_out` (eager: softmax in f32, the
+    /// 1/sqrt(d) scale applied after q·k). Heads are spread over the pool.
     fn attention(
         &self,
         pool: &Pool,
-        st: &State,
-        layer: usize,
-        q: &[f32],
+        s: &mut Scratch,
+        (keys, values): (&[f32], &[f32]),
+        pos0: usize,
         n: usize,
-        out: &mut [f32],
     ) {
         let c = &self.config;
         let d = c.head_dim as usize;
         let (heads, kv) = (c.num_attention_heads as usize, c.kv_dim() as usize);
         let group = heads / c.num_key_value_heads as usize;
         let scale = (d as f32).powf(-0.5);
-        let base = layer * st.ctx * kv;
-        let pos0 = st.pos;
-        let (keys, values) = (&st.key_cache[base..], &st.value_cache[base..]);
+        let Scratch {
+            q,
+            att_out,
+            scores,
+            kernels,
+            ..
+        } = s;
+        let (q, scores, kernels) = (&*q, &*scores, *kernels);
         // Heads that share a KV head are computed together, so each cached key and value
         // row is read once for all of them; the group is halved (quartered, ...) only when
         // that is what keeps the workers evenly loaded (2B-4T decode on 2 threads: 5 groups
@@ -744,9 +929,9 @@ impl Model<'_> {
                 units.is_multiple_of(threads) || units >= 4 * threads
             })
             .unwrap_or(1);
-        par_rows(pool, out, n * heads, d, m, |worker, r, out| {
+        par_rows(pool, att_out, n * heads, d, m, |worker, r, out| {
             // Each worker owns one scores buffer (group × ctx); the lock is uncontended.
-            let mut scores = st.scores[worker].lock().expect("no poisoned scores");
+            let mut scores = scores[worker].lock().expect("no poisoned scores");
             for (u, first) in r.step_by(m).enumerate() {
                 let (t, head0) = (first / heads, first % heads);
                 let g = head0 / group;
@@ -757,7 +942,7 @@ impl Model<'_> {
                     stride: kv,
                     scale,
                 };
-                st.kernels.attend(
+                kernels.attend(
                     shape,
                     &q[t * heads * d + head0 * d..][..m * d],
                     &keys[g * d..],
@@ -767,5 +952,18 @@ impl Model<'_> {
                 );
             }
         });
+    }
+}
+
+impl Scratch {
+    /// Rotary angles of positions `pos0..pos0 + n`, shared by every head and layer.
+    fn set_angles(&mut self, inv_freq: &[f32], pos0: usize, n: usize) {
+        let half = inv_freq.len();
+        for (t, row) in self.angles[..n * half].chunks_exact_mut(half).enumerate() {
+            let pos = (pos0 + t) as f32;
+            for (a, f) in row.iter_mut().zip(inv_freq) {
+                *a = (pos * f).sin_cos();
+            }
+        }
     }
 }

@@ -205,7 +205,7 @@ fn greedy_fast(
     n: usize,
 ) -> Result<Vec<u32>, InferError> {
     let vocab = model.config.vocab_size as usize;
-    let mut state = State::new(model, kernels, pool, prompt.len() + n);
+    let mut state = State::new(model, kernels, pool, prompt.len() + n)?;
     model.forward(
         pool,
         &mut state,
@@ -251,7 +251,7 @@ pub fn kernel_parity(
     let (mut agree, mut total) = (0, 0);
     for prompt in prompts {
         let mut fast = Recorder::for_model(model);
-        let mut state = State::new(model, kernels, pool, prompt.len() + greedy);
+        let mut state = State::new(model, kernels, pool, prompt.len() + greedy)?;
         model.forward(pool, &mut state, prompt, Logits::All, &mut fast)?;
 
         let mut slow = Recorder::for_model(model);
@@ -357,7 +357,7 @@ pub fn reference_parity(
         }
         let ref_logits = f32s(&b);
         let mut fast = Recorder::for_model(model);
-        let mut state = State::new(model, kernels, pool, prompt.len() + 64);
+        let mut state = State::new(model, kernels, pool, prompt.len() + 64)?;
         model.forward(pool, &mut state, &prompt, Logits::All, &mut fast)?;
         for t in 0..prompt.len() {
             logits.add(
