@@ -363,3 +363,54 @@ fn repo_ids_resolve_in_a_hub_cache() {
         "{err}"
     );
 }
+
+#[test]
+fn an_override_that_contradicts_the_declared_scale_convention_is_refused_and_caught() {
+    // bitnet-bitlinear: a BitNet block whose quantization_config says linear_class
+    // bitlinear (weight_scale = 1/mean|W|, divide).
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixture("bitnet-bitlinear");
+    let out = dir.path().join("m.tern");
+    let (s, o) = (src.to_str().unwrap(), out.to_str().unwrap());
+    let err = tern_fails(&["convert", s, "-o", o, "--weight-scale", "multiply"], 2);
+    assert!(
+        err.contains("quantization_config.linear_class") && err.contains("--allow-contradiction"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    // Forced anyway: the report records the override, convert warns that the scales look
+    // inverted, and verify --source fails on the contradiction and every scale.
+    let args = [
+        "convert",
+        s,
+        "-o",
+        o,
+        "--weight-scale",
+        "multiply",
+        "--allow-contradiction",
+        "--json",
+    ];
+    let report: serde_json::Value = serde_json::from_str(&tern_ok(&args)).unwrap();
+    assert!(
+        report["decisions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["from"] == "override"),
+        "{report}"
+    );
+    assert!(
+        report["warnings"].to_string().contains("implausibly large"),
+        "{report}"
+    );
+    let out = tern(&["verify", o, "--source", s, "--no-parity", "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["source"]["scale_mismatches"], 14, "{doc}");
+    assert!(
+        doc["source"]["config_mismatches"]
+            .to_string()
+            .contains("quantization_config.linear_class"),
+        "{doc}"
+    );
+}

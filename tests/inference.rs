@@ -67,6 +67,9 @@ fn run_fixture(name: &str) {
             let (mut full, mut decode) = (Agreement::default(), Agreement::default());
             let mut greedy_same = 0;
             let mut greedy_total = 0;
+            // Where our free-running greedy leaves the reference's: the reference's own margin
+            // between its token and ours at that step.
+            let mut divergences: Vec<(usize, usize, f32)> = Vec::new();
             for p in 0..reference.prompts() {
                 let ids = reference.ids(&format!("prompt.{p}.ids"));
                 let ref_logits = reference.get(&format!("prompt.{p}.logits"));
@@ -121,7 +124,13 @@ fn run_fixture(name: &str) {
                         .forward(&pool, &mut state, &[next], Logits::Last, &mut NoProbe)
                         .unwrap();
                 }
-                greedy_same += ours.iter().zip(&greedy).take_while(|(a, b)| a == b).count();
+                let same = ours.iter().zip(&greedy).take_while(|(a, b)| a == b).count();
+                if same < greedy.len() {
+                    let l = &greedy_logits.f32[same * vocab..(same + 1) * vocab];
+                    let margin = l[greedy[same] as usize] - l[ours[same] as usize];
+                    divergences.push((p, same, margin));
+                }
+                greedy_same += same;
                 greedy_total += greedy.len();
             }
             eprintln!(
@@ -146,10 +155,17 @@ fn run_fixture(name: &str) {
                 decode.top1 * 100 >= decode.rows * 95,
                 "{name}: decode top-1 {decode:?}"
             );
-            assert!(
-                greedy_same * 100 >= greedy_total * 75,
-                "{name}: greedy {greedy_same}/{greedy_total}"
-            );
+            // Free-running greedy may leave the reference only where the reference itself
+            // nearly ties: its margin there is within our measured logit error, which is the
+            // reference's own noise (fp32 op order; checkpoints.md §9.5).
+            let noise = full.max_abs.max(decode.max_abs);
+            for &(p, step, margin) in &divergences {
+                assert!(
+                    margin <= 2.0 * noise,
+                    "{name}: prompt {p} greedy leaves the reference at step {step} where its margin \
+                     is {margin} (> 2 × the logit error {noise}); {greedy_same}/{greedy_total} agree"
+                );
+            }
         }
     }
 }
@@ -177,6 +193,37 @@ fn llama_bitlinear_matches_transformers() {
 #[test]
 fn onebitllm_matches_its_reference() {
     run_fixture("1bitllm");
+}
+
+#[test]
+fn bitnet_block_with_bitlinear_scales_matches_transformers() {
+    run_fixture("bitnet-bitlinear");
+}
+
+#[test]
+fn bitnet_attention_bias_matches_transformers() {
+    run_fixture("bitnet-bias");
+}
+
+#[test]
+fn llama_autobitlinear_packed_and_masters_match_transformers() {
+    run_fixture("llama-autobitlinear");
+    run_fixture("llama-autobitlinear-masters");
+}
+
+#[test]
+fn llama3_rope_scaling_matches_transformers() {
+    run_fixture("llama-rope-llama3");
+}
+
+#[test]
+fn already_ternary_f16_weights_match_transformers() {
+    run_fixture("llama-ternary-f16");
+}
+
+#[test]
+fn llama_biases_and_linear_rope_match_transformers() {
+    run_fixture("llama-bias");
 }
 
 #[test]

@@ -784,22 +784,26 @@ impl Declared {
                          (quantization_mode online)",
                     ));
                 }
-                if out % 4 != 0 || src.shape != [out / 4, cols] {
+                if out % 4 != 0 {
                     return Err(ck.tensor_error(
                         src,
                         format!(
-                            "U8 shape {:?}: packed weights of a [{out}, {cols}] linear are [{}, {cols}] \
-                             (transformers' pack_weights needs a multiple of 4 rows)",
+                            "{out} output features is not a multiple of 4, which packed \
+                             weights (transformers' pack_weights) need"
+                        ),
+                    ));
+                }
+                if src.shape != [out / 4, cols] {
+                    return Err(ck.tensor_error(
+                        src,
+                        format!(
+                            "U8 shape {:?}: packed weights of a [{out}, {cols}] linear are [{}, {cols}]",
                             src.shape,
                             out / 4
                         ),
                     ));
                 }
-                if !has_scale {
-                    return Err(
-                        ck.tensor_error(src, format!("packed weights without {scale_name}"))
-                    );
-                }
+                // A missing weight_scale is listed with the other missing tensors (plan).
                 Ok(WeightRule::Packed {
                     scale_tensor: scale_name,
                     convention: self.convention,

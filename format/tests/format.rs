@@ -248,6 +248,88 @@ fn files_say_the_lowest_minor_their_layouts_need() {
 }
 
 #[test]
+fn biases_and_rope_scaling_need_minor_2() {
+    for (bias, scaling) in [
+        (true, None),
+        (false, Some(RopeScaling::Linear { factor: 2.0 })),
+    ] {
+        let mut meta = metadata(true);
+        meta.config.attention_bias = bias;
+        meta.config.mlp_bias = bias;
+        meta.config.rope_scaling = scaling;
+        let specs: Vec<TensorSpec> = expected_tensors(&meta.config)
+            .into_iter()
+            .map(|(name, shape, role)| TensorSpec {
+                name,
+                layout: if role == TensorRole::Ternary {
+                    Layout::Tq2
+                } else {
+                    Layout::F32
+                },
+                shape,
+            })
+            .collect();
+        assert_eq!(
+            specs.iter().filter(|s| s.name.ends_with(".bias")).count(),
+            if bias { 7 } else { 0 }
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.tern");
+        let mut w = Writer::create(&path, &meta, b"{}", specs.clone()).unwrap();
+        for (i, s) in specs.iter().enumerate() {
+            let scale = if s.layout.is_ternary() { 0.5 } else { 1.0 };
+            w.write_tensor(&s.name, scale, &tensor_bytes(i, s.layout, &s.shape))
+                .unwrap();
+        }
+        w.finish().unwrap();
+        let mut b = std::fs::read(&path).unwrap();
+        let parsed = parse(&b).unwrap();
+        assert_eq!(parsed.minor, 2);
+        assert_eq!(parsed.metadata.config, meta.config);
+        // Claiming 1.1 is refused: a 1.1 reader would run the model without them.
+        b[10..12].copy_from_slice(&1u16.to_le_bytes());
+        reseal(&mut b);
+        let p = problem(&b);
+        assert!(
+            matches!(&p, Problem::Config(m) if m.contains("format 1.2")),
+            "{p:?}"
+        );
+    }
+}
+
+#[test]
+fn llama3_rope_frequencies_follow_transformers() {
+    let mut c = config(true);
+    c.head_dim = 64;
+    c.rope_theta = 500000.0;
+    let plain = c.rope_inv_freq();
+    c.rope_scaling = Some(RopeScaling::Llama3 {
+        factor: 32.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 256,
+    });
+    let scaled = c.rope_inv_freq();
+    // Wavelengths below 256/4 are kept, above 256/1 divided by 32, in between smoothed.
+    for (f, s) in plain.iter().zip(&scaled) {
+        let wavelen = std::f32::consts::TAU / f;
+        if wavelen < 64.0 {
+            assert_eq!(s, f);
+        } else if wavelen > 256.0 {
+            assert_eq!(*s, f / 32.0);
+        } else {
+            assert!(*s < *f && *s > f / 32.0, "{wavelen}: {s} vs {f}");
+        }
+    }
+    c.rope_scaling = Some(RopeScaling::Linear { factor: 4.0 });
+    assert!(c
+        .rope_inv_freq()
+        .iter()
+        .zip(&plain)
+        .all(|(s, f)| *s == f / 4.0));
+}
+
+#[test]
 fn same_input_gives_identical_bytes() {
     let (_d1, _, a) = valid_file(Layout::Bf16);
     let (_d2, _, b) = valid_file(Layout::Bf16);

@@ -29,6 +29,8 @@ pub struct Ternary<'a> {
     pub blocks: usize,
     /// True weight = scale × trit.
     pub scale: f32,
+    /// Added to each output row (`attention_bias` / `mlp_bias`), f32.
+    pub bias: Option<Vec<f32>>,
 }
 
 impl Ternary<'_> {
@@ -193,6 +195,15 @@ fn dense<'a>(file: &'a TernFile, t: &TensorInfo) -> Result<DenseMatrix<'a>, Infe
     })
 }
 
+/// The ternary matrix `{module}.weight` and, when the config says so, its `{module}.bias`.
+fn linear<'a>(file: &'a TernFile, module: &str, bias: bool) -> Result<Ternary<'a>, InferError> {
+    let mut w = ternary(file, file.require(&format!("{module}.weight"))?)?;
+    if bias {
+        w.bias = Some(norm_vector(file, file.require(&format!("{module}.bias"))?)?);
+    }
+    Ok(w)
+}
+
 fn ternary<'a>(file: &'a TernFile, t: &TensorInfo) -> Result<Ternary<'a>, InferError> {
     let layout = match t.layout {
         Some(l @ (Layout::Tq2 | Layout::Tq1)) => l,
@@ -216,6 +227,7 @@ fn ternary<'a>(file: &'a TernFile, t: &TensorInfo) -> Result<Ternary<'a>, InferE
         cols,
         blocks: blocks as usize,
         scale: t.scale,
+        bias: None,
     })
 }
 
@@ -234,32 +246,30 @@ impl<'a> Model<'a> {
         for l in 0..config.num_hidden_layers {
             let p = format!("model.layers.{l}");
             let t = |s: &str| get(&format!("{p}.{s}.weight"));
+            let (ab, mb) = (config.attention_bias, config.mlp_bias);
+            let lin = |s: &str, bias: bool| linear(file, &format!("{p}.{s}"), bias);
             layers.push(Layer {
                 input_norm: norm_vector(file, t("input_layernorm")?)?,
-                q: ternary(file, t("self_attn.q_proj")?)?,
-                k: ternary(file, t("self_attn.k_proj")?)?,
-                v: ternary(file, t("self_attn.v_proj")?)?,
+                q: lin("self_attn.q_proj", ab)?,
+                k: lin("self_attn.k_proj", ab)?,
+                v: lin("self_attn.v_proj", ab)?,
                 attn_sub_norm: match config.attn_sub_norm {
                     true => Some(norm_vector(file, t("self_attn.attn_sub_norm")?)?),
                     false => None,
                 },
-                o: ternary(file, t("self_attn.o_proj")?)?,
+                o: lin("self_attn.o_proj", ab)?,
                 post_attn_norm: norm_vector(file, t("post_attention_layernorm")?)?,
-                gate: ternary(file, t("mlp.gate_proj")?)?,
-                up: ternary(file, t("mlp.up_proj")?)?,
+                gate: lin("mlp.gate_proj", mb)?,
+                up: lin("mlp.up_proj", mb)?,
                 ffn_sub_norm: match config.ffn_sub_norm {
                     true => Some(norm_vector(file, t("mlp.ffn_sub_norm")?)?),
                     false => None,
                 },
-                down: ternary(file, t("mlp.down_proj")?)?,
+                down: lin("mlp.down_proj", mb)?,
             });
         }
         let final_norm = norm_vector(file, get("model.norm.weight")?)?;
-        let d = config.head_dim as usize;
-        let theta = config.rope_theta as f32;
-        let inv_freq = (0..d / 2)
-            .map(|i| 1.0 / theta.powf((2 * i) as f32 / d as f32))
-            .collect();
+        let inv_freq = config.rope_inv_freq();
         Ok(Model {
             config,
             embed,
@@ -621,8 +631,17 @@ impl Quantized {
                     let rc = piece_rows(c);
                     let len = rc.len();
                     let a = &acc[n * rc.start + t * len..n * rc.start + (t + 1) * len];
-                    for (o, &a) in o[rc].iter_mut().zip(a) {
-                        *o = a as f32 / s * w.scale;
+                    match &w.bias {
+                        None => {
+                            for (o, &a) in o[rc].iter_mut().zip(a) {
+                                *o = a as f32 / s * w.scale;
+                            }
+                        }
+                        Some(b) => {
+                            for ((o, &a), b) in o[rc.clone()].iter_mut().zip(a).zip(&b[rc]) {
+                                *o = a as f32 / s * w.scale + b;
+                            }
+                        }
                     }
                 }
             }

@@ -71,7 +71,7 @@ fn bitlinear(w: &Ternary, q: &[i8], s: f32) -> Vec<f32> {
                 .unpack_ternary_row(&w.data[r * row_bytes..(r + 1) * row_bytes], &mut trits)
                 .expect("trits were validated");
             let dot: f32 = xq.iter().zip(&trits).map(|(x, &t)| x * f32::from(t)).sum();
-            dot * w.scale
+            dot * w.scale + w.bias.as_ref().map_or(0.0, |b| b[r])
         })
         .collect()
 }

@@ -6,13 +6,20 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// Every fixture checkpoint, by folder name.
-pub const FIXTURES: [&str; 6] = [
+pub const FIXTURES: [&str; 13] = [
     "bitnet-2b4t-h64",
     "bitnet-2b4t-h64-bf16",
     "bitnet-2b4t-h64-sharded",
     "bitnet-2b4t-h128",
     "llama-bitlinear",
     "1bitllm",
+    "bitnet-bitlinear",
+    "bitnet-bias",
+    "llama-autobitlinear",
+    "llama-autobitlinear-masters",
+    "llama-rope-llama3",
+    "llama-ternary-f16",
+    "llama-bias",
 ];
 
 pub fn fixture(name: &str) -> PathBuf {
