@@ -525,8 +525,9 @@ impl Declared {
                     field: "quantization_config".into(),
                     problem: format!(
                         "is absent: a {} without it is a float model to transformers (no \
-                         activation quantization), not a BitNet b1.58 checkpoint",
-                        class.name()
+                         activation quantization), not a BitNet b1.58 checkpoint{}",
+                        class.name(),
+                        ternary_float_hint(ck)
                     ),
                 })
             }
@@ -933,6 +934,70 @@ impl Declared {
         };
         format!("{}, {linear}", self.class.name())
     }
+}
+
+/// For a float checkpoint without a quantization_config: whether layer 0's q_proj holds
+/// ternary values with a few scales (SpectraSuite TriLM's `*_Unpacked` checkpoints store one
+/// scale per model-parallel slice), said in words.
+fn ternary_float_hint(ck: &Checkpoint) -> String {
+    let Some(t) = ck.get("model.layers.0.self_attn.q_proj.weight") else {
+        return String::new();
+    };
+    let Ok(values) = ck.read(t).map(|b| crate::ternary::to_f32(&b, t.dtype)) else {
+        return String::new();
+    };
+    let Ok(values) = values else {
+        return String::new();
+    };
+    let mut magnitudes: Vec<u32> = values
+        .iter()
+        .filter(|x| **x != 0.0)
+        .map(|x| x.abs().to_bits())
+        .collect();
+    magnitudes.sort_unstable();
+    magnitudes.dedup();
+    match magnitudes.len() {
+        0 | 65.. => String::new(),
+        n => format!(
+            ". Its float weights are ternary with {n} distinct scale(s) in {} (like \
+             SpectraSuite TriLM, which keeps one scale per model-parallel slice and runs \
+             without activation quantization): tern's BitLinear quantizes activations to int8 \
+             and keeps one scale per tensor, so it cannot reproduce this model exactly",
+            t.name
+        ),
+    }
+}
+
+/// How many linears are stored which way, e.g. "210 packed U8".
+pub fn storage_summary(plan: &[Planned]) -> String {
+    let (mut packed, mut masters, mut floats) = (0, 0, 0);
+    for p in plan {
+        match &p.origin {
+            Origin::Ternary {
+                rule: WeightRule::Packed { .. },
+                ..
+            } => packed += 1,
+            Origin::Ternary {
+                rule: WeightRule::Masters,
+                ..
+            } => masters += 1,
+            Origin::Ternary {
+                rule: WeightRule::TernaryFloat { .. },
+                ..
+            } => floats += 1,
+            _ => {}
+        }
+    }
+    [
+        (packed, "packed U8"),
+        (masters, "float masters (absmean)"),
+        (floats, "already-ternary floats"),
+    ]
+    .iter()
+    .filter(|(n, _)| *n > 0)
+    .map(|(n, what)| format!("{n} {what}"))
+    .collect::<Vec<_>>()
+    .join(", ")
 }
 
 fn describe_sub_norms(s: SubNorms) -> &'static str {

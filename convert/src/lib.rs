@@ -104,8 +104,13 @@ pub struct Prepared {
 /// no tensor data.
 pub fn prepare(source: &Path, overrides: &Overrides) -> Result<Prepared> {
     let checkpoint = Checkpoint::open(source)?;
-    let declared = Declared::read(&checkpoint, overrides)?;
+    let mut declared = Declared::read(&checkpoint, overrides)?;
     let plan = declared.plan(&checkpoint)?;
+    declared.decisions.push(tern_format::Decision::new(
+        "weight storage",
+        &declared::storage_summary(&plan),
+        "each linear's dtype and shape",
+    ));
     let mut warnings = declared.warnings.clone();
     if checkpoint.tokenizer_json.is_none() {
         warnings.push(format!(

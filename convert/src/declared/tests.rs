@@ -539,3 +539,42 @@ fn dense_linears_inside_blocks_are_refused_by_name() {
         "{err}"
     );
 }
+
+#[test]
+fn a_float_llama_with_ternary_values_is_refused_saying_why() {
+    // TriLM-like: no quantization_config, F16 values in {-s, 0, +s} with two scales.
+    let dir = tempfile::tempdir().unwrap();
+    write_checkpoint(
+        dir.path(),
+        &base_config("LlamaForCausalLM"),
+        |o, i| (Dtype::F16, vec![o, i]),
+        &[],
+        &[],
+    );
+    let st = dir.path().join("model.safetensors");
+    let mut bytes = std::fs::read(&st).unwrap();
+    // Rewrite q_proj's data: half +0.5, half -0.25 (f16).
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    let off = header["model.layers.0.self_attn.q_proj.weight"]["data_offsets"][0]
+        .as_u64()
+        .unwrap() as usize;
+    for k in 0..64 {
+        let v = if k % 2 == 0 {
+            half::f16::from_f32(0.5)
+        } else {
+            half::f16::from_f32(-0.25)
+        };
+        let at = 8 + header_len + off + 2 * k;
+        bytes[at..at + 2].copy_from_slice(&v.to_le_bytes());
+    }
+    std::fs::write(&st, bytes).unwrap();
+    let ck = Checkpoint::open(dir.path()).unwrap();
+    let err = Declared::read(&ck, &Overrides::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("2 distinct scale") && err.contains("TriLM"),
+        "{err}"
+    );
+}
