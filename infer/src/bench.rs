@@ -71,6 +71,7 @@ pub fn time_prefill(
     kernels: Kernels,
     n: usize,
 ) -> Result<f64, InferError> {
+    crate::limits::check_ctx(&model.config, n, pool.threads(), "prompt length")?;
     let mut state = State::new(model, kernels, pool, n);
     let ids = tokens(n, model.config.vocab_size as usize, 1);
     let start = Instant::now();
@@ -87,7 +88,17 @@ pub fn time_decode(
     context: usize,
     n: usize,
 ) -> Result<f64, InferError> {
-    let mut state = State::new(model, kernels, pool, context + n + 1);
+    let ctx = context
+        .checked_add(n)
+        .and_then(|c| c.checked_add(1))
+        .unwrap_or(usize::MAX);
+    crate::limits::check_ctx(
+        &model.config,
+        ctx,
+        pool.threads(),
+        "context + decoded tokens",
+    )?;
+    let mut state = State::new(model, kernels, pool, ctx);
     let ids = tokens(n + 1, model.config.vocab_size as usize, 2);
     state.pos = context;
     model.forward(pool, &mut state, &ids[..1], Logits::Last, &mut NoProbe)?; // warm up
