@@ -331,6 +331,19 @@ impl Writer {
                         path: self.path.clone(),
                     }); // dropping self removes the temporary file
                 }
+                // A file system without hard links (FAT, some FUSE mounts): fall back to a
+                // rename after a check, atomic except against a writer racing in between.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::Unsupported | std::io::ErrorKind::PermissionDenied
+                    ) && !self.path.exists() =>
+                {
+                    fs::rename(&self.tmp_path, &self.path).map_err(|source| Error::Io {
+                        path: self.path.clone(),
+                        source,
+                    })?;
+                }
                 Err(source) => {
                     return Err(Error::Io {
                         path: self.path.clone(),
@@ -378,9 +391,13 @@ impl Writer {
     }
 }
 
+/// How long a temporary file must have gone unmodified before it can be judged stale.
+const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Removes `.NAME.PID[.N].tmp` files beside `path` whose writing process is gone (killed
-/// before it could clean up). A PID is judged alive when `/proc/PID` exists; where `/proc`
-/// is not mounted nothing is removed. Returns the files removed.
+/// before it could clean up) and that were not modified for [`STALE_AFTER`]. A PID is
+/// judged alive when `/proc/PID` exists; where `/proc` is not mounted nothing is removed.
+/// Returns the files removed.
 fn remove_stale_temps(path: &Path) -> Vec<PathBuf> {
     let proc_fs = Path::new("/proc/self").exists();
     let (Some(name), Some(dir)) = (path.file_name().and_then(|n| n.to_str()), path.parent()) else {
@@ -408,7 +425,16 @@ fn remove_stale_temps(path: &Path) -> Vec<PathBuf> {
             continue;
         };
         let alive = pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists();
-        if proc_fs && !alive && entry.file_type().is_ok_and(|t| t.is_file()) {
+        // A writer in another PID namespace (a container sharing the folder) looks dead
+        // from here, but keeps its file's mtime fresh: leave recently written files alone.
+        let idle = entry
+            .metadata()
+            .ok()
+            .filter(|m| m.is_file())
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age >= STALE_AFTER);
+        if proc_fs && !alive && idle {
             let stale = entry.path();
             if fs::remove_file(&stale).is_ok() {
                 removed.push(stale);
