@@ -112,8 +112,10 @@ pub fn time_decode(
 /// Bytes a decode step reads at `context`: every weight once, plus the KV cache.
 pub fn bytes_per_token(model: &Model, context: usize) -> u64 {
     let c = &model.config;
-    let kv = 2 * c.num_hidden_layers * context as u64 * c.kv_dim() * 4;
-    model.weight_bytes_per_token() + kv
+    let kv = (2 * 4 * c.num_hidden_layers)
+        .saturating_mul(context as u64)
+        .saturating_mul(c.kv_dim());
+    model.weight_bytes_per_token().saturating_add(kv)
 }
 
 /// One kernel's throughput on one ISA.

@@ -96,6 +96,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let file = model_args.open()?;
     let model = Model::load(&file)?;
     let kernels = model_args.kernels()?;
+    // Refuse what cannot fit before measuring anything (the measurements check again).
+    let fits = |n: usize, what| tern_infer::limits::check_ctx(&model.config, n, 1, what);
+    fits(args.prompt, "--prompt")?;
+    fits(args.decode.saturating_add(1), "--decode + 1")?;
     let max_ctx = model.config.max_position_embeddings as usize;
     // A context too long for the model is measured at the longest that fits the decoded
     // tokens (2B-4T: 4096 positions, so "4096" runs at 4096 − n − 1), and says so.
