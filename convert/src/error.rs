@@ -4,7 +4,9 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConvertError {
-    #[error("{}: {source}", path.display())]
+    /// The cause is the error's `source()`, not part of its message, so that a chain
+    /// printed with `{:#}` names it once.
+    #[error("{}", path.display())]
     Io {
         path: PathBuf,
         source: std::io::Error,

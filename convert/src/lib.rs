@@ -180,8 +180,16 @@ pub fn convert(
             sha256: "0".repeat(64),
         })
         .collect();
+    refuse_input_as_output(&ck, output)?;
     let tokenizer = ck.tokenizer_json.as_deref().unwrap_or_default();
-    let mut writer = Writer::create(output, &metadata, tokenizer, specs)?;
+    let mut writer =
+        Writer::create(output, &metadata, tokenizer, specs)?.replace_existing(options.force);
+    for stale in writer.stale_removed() {
+        warnings.push(format!(
+            "removed {}, the temporary file of a conversion that did not finish",
+            stale.display()
+        ));
+    }
     std::thread::scope(|scope| -> Result<()> {
         let hashes = scope.spawn(|| hash_files(&ck));
         convert_tensors(
@@ -199,7 +207,10 @@ pub fn convert(
     if options.strict && !warnings.is_empty() {
         return Err(ConvertError::Strict(warnings)); // dropping the writer removes its file
     }
-    writer.finish_with(Some(&metadata))?;
+    writer.finish_with(Some(&metadata)).map_err(|e| match e {
+        tern_format::Error::Exists { path } => ConvertError::OutputExists(path),
+        e => e.into(),
+    })?;
     let output_bytes = std::fs::metadata(output).map_err(error::io(output))?.len();
     Ok(Report {
         source: source.to_path_buf(),
@@ -212,6 +223,29 @@ pub fn convert(
         seconds: start.elapsed().as_secs_f64(),
         warnings,
     })
+}
+
+/// Refuses an output path that is one of the checkpoint's own files (the same inode, also
+/// through a symlink or another spelling of the path): `--force` must not replace a source.
+fn refuse_input_as_output(ck: &Checkpoint, output: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(out) = std::fs::metadata(output) else {
+        return Ok(()); // nothing there yet
+    };
+    for input in ck.source_files() {
+        if let Ok(m) = std::fs::metadata(&input) {
+            if (m.dev(), m.ino()) == (out.dev(), out.ino()) {
+                return Err(ConvertError::Source {
+                    path: output.to_path_buf(),
+                    problem: format!(
+                        "is the source file {}: refusing to write the output over an input",
+                        input.display()
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 fn file_name(path: &Path) -> String {

@@ -42,9 +42,59 @@ pub struct Checkpoint {
     pub tensors: BTreeMap<String, SourceTensor>,
 }
 
+/// Most bytes read from a JSON file of a checkpoint (config, generation config, tokenizer
+/// config, shard index): far more than any real one holds.
+pub const MAX_JSON_BYTES: u64 = 16 << 20;
+/// Most bytes read from tokenizer.json: the `.tern` format's limit on the tokenizer section.
+pub const MAX_TOKENIZER_BYTES: u64 = tern_format::limits::MAX_TOKENIZER_LEN;
+
+/// Opens a file for reading after checking that it is a regular file (a FIFO would block
+/// `open`, a device would never end), and checks again what was opened.
+pub fn open_regular(path: &Path) -> Result<(File, u64)> {
+    let not_regular = |kind| ConvertError::Source {
+        path: path.to_path_buf(),
+        problem: format!(
+            "{}, not a regular file: refusing to read it",
+            tern_format::file_kind(kind)
+        ),
+    };
+    let kind = std::fs::metadata(path).map_err(io(path))?.file_type();
+    if !kind.is_file() {
+        return Err(not_regular(kind));
+    }
+    let file = File::open(path).map_err(io(path))?;
+    let meta = file.metadata().map_err(io(path))?;
+    if !meta.is_file() {
+        return Err(not_regular(meta.file_type()));
+    }
+    Ok((file, meta.len()))
+}
+
+/// Reads a whole regular file of at most `cap` bytes.
+pub fn read_capped(path: &Path, cap: u64) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let (file, len) = open_regular(path)?;
+    let too_large = || ConvertError::Source {
+        path: path.to_path_buf(),
+        problem: format!("larger than the {cap}-byte limit for this file"),
+    };
+    if len > cap {
+        return Err(too_large());
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    // The length can grow after the check: never read more than the cap.
+    file.take(cap + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io(path))?;
+    if bytes.len() as u64 > cap {
+        return Err(too_large());
+    }
+    Ok(bytes)
+}
+
 fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).map_err(io(path))?;
-    serde_json::from_str(&text).map_err(|e| ConvertError::Source {
+    let bytes = read_capped(path, MAX_JSON_BYTES)?;
+    serde_json::from_slice(&bytes).map_err(|e| ConvertError::Source {
         path: path.to_path_buf(),
         problem: format!("invalid JSON: {e}"),
     })
@@ -56,6 +106,17 @@ fn read_optional_json(path: &Path) -> Result<Option<Value>> {
     } else {
         Ok(None)
     }
+}
+
+/// Reads tokenizer.json and checks that the `tokenizers` crate loads it, so a broken one
+/// fails the conversion rather than the first `generate`.
+fn read_tokenizer(path: &Path) -> Result<Vec<u8>> {
+    let bytes = read_capped(path, MAX_TOKENIZER_BYTES)?;
+    tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| ConvertError::Source {
+        path: path.to_path_buf(),
+        problem: format!("not a tokenizer the tokenizers library can load: {e}"),
+    })?;
+    Ok(bytes)
 }
 
 impl Checkpoint {
@@ -70,7 +131,7 @@ impl Checkpoint {
         let config = read_json(&config_path)?;
         let tokenizer_path = dir.join("tokenizer.json");
         let tokenizer_json = if tokenizer_path.exists() {
-            Some(std::fs::read(&tokenizer_path).map_err(io(&tokenizer_path))?)
+            Some(read_tokenizer(&tokenizer_path)?)
         } else {
             None
         };
@@ -82,8 +143,7 @@ impl Checkpoint {
         let mut tensors = BTreeMap::new();
         for name in &shard_names {
             let path = dir.join(name);
-            let file = File::open(&path).map_err(io(&path))?;
-            let len = file.metadata().map_err(io(&path))?.len();
+            let (file, len) = open_regular(&path)?;
             let index = shards.len();
             for t in read_header(&path, &file, len, index)? {
                 if let Some(prev) = tensors.insert(t.name.clone(), t) {
@@ -210,61 +270,107 @@ fn shard_names(dir: &Path) -> Result<Vec<String>> {
     )))
 }
 
-/// Parses and validates one safetensors header.
-fn read_header(path: &Path, file: &File, len: u64, shard: usize) -> Result<Vec<SourceTensor>> {
-    let bad = |problem: String| ConvertError::Source {
-        path: path.to_path_buf(),
-        problem: format!("not a valid safetensors file: {problem}"),
-    };
-    let mut n = [0u8; 8];
-    if len < 8 {
-        return Err(bad(format!("{len} bytes is too short")));
-    }
-    file.read_exact_at(&mut n, 0).map_err(io(path))?;
-    let n = u64::from_le_bytes(n);
-    if n > 100 << 20 || 8 + n > len {
-        return Err(bad(format!(
-            "header length {n} does not fit the {len}-byte file"
-        )));
-    }
+/// Largest safetensors header accepted: the safetensors crate's limit.
+pub const MAX_SAFETENSORS_HEADER: u64 = 100_000_000;
+
+/// Parses and validates one safetensors header by the safetensors crate's own rules
+/// (`SafeTensors::read_metadata`, which needs the whole file in memory): a header of at
+/// most 100 MB of UTF-8 JSON; tensors, taken in order of their `data_offsets`, laid end
+/// to end from offset 0 with no gap or overlap, each range exactly the bytes of its shape
+/// and dtype; and the data filling the rest of the file exactly, with no trailing bytes.
+pub fn read_header(path: &Path, file: &File, len: u64, shard: usize) -> Result<Vec<SourceTensor>> {
+    let n = header_len(path, len, |buf| file.read_exact_at(buf, 0))?;
     let mut header = vec![0u8; n as usize];
     file.read_exact_at(&mut header, 8).map_err(io(path))?;
+    parse_header(path, &header, len, shard)
+}
+
+/// As [`read_header`], on the bytes of a whole safetensors file (the fuzz target's entry).
+pub fn read_header_bytes(path: &Path, bytes: &[u8]) -> Result<Vec<SourceTensor>> {
+    let len = bytes.len() as u64;
+    let n = header_len(path, len, |buf| {
+        buf.copy_from_slice(&bytes[..8]);
+        Ok(())
+    })?;
+    parse_header(path, &bytes[8..8 + n as usize], len, 0)
+}
+
+fn not_safetensors(path: &Path, problem: String) -> ConvertError {
+    ConvertError::Source {
+        path: path.to_path_buf(),
+        problem: format!("not a valid safetensors file: {problem}"),
+    }
+}
+
+/// The header length of a `len`-byte file, from its first 8 bytes, checked to fit.
+fn header_len(
+    path: &Path,
+    len: u64,
+    read8: impl FnOnce(&mut [u8]) -> std::io::Result<()>,
+) -> Result<u64> {
+    if len < 8 {
+        return Err(not_safetensors(path, format!("{len} bytes is too short")));
+    }
+    let mut n = [0u8; 8];
+    read8(&mut n).map_err(io(path))?;
+    let n = u64::from_le_bytes(n);
+    if n > MAX_SAFETENSORS_HEADER || n > len - 8 {
+        return Err(not_safetensors(
+            path,
+            format!(
+                "header length {n} does not fit the {len}-byte file (at most {MAX_SAFETENSORS_HEADER})"
+            ),
+        ));
+    }
+    Ok(n)
+}
+
+/// Validates the JSON header (`header`, `n` bytes) of a `len`-byte safetensors file.
+fn parse_header(path: &Path, header: &[u8], len: u64, shard: usize) -> Result<Vec<SourceTensor>> {
+    let bad = |problem: String| not_safetensors(path, problem);
+    let n = header.len() as u64;
+    let header = std::str::from_utf8(header).map_err(|e| bad(format!("header: {e}")))?;
     let meta: safetensors::tensor::Metadata =
-        serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
+        serde_json::from_str(header).map_err(|e| bad(format!("header: {e}")))?;
     let data_start = 8 + n;
     let data_len = len - data_start;
-    let mut out = Vec::new();
     let mut infos: Vec<(String, &safetensors::tensor::TensorInfo)> =
         meta.tensors().into_iter().collect();
-    infos.sort_by(|a, b| a.0.cmp(&b.0));
+    infos.sort_by(|a, b| (a.1.data_offsets, &a.0).cmp(&(b.1.data_offsets, &b.0)));
+    let mut out = Vec::new();
+    let mut end = 0u64;
     for (name, info) in infos {
+        let tensor_error = |problem: String| ConvertError::Tensor {
+            path: path.to_path_buf(),
+            tensor: name.clone(),
+            problem,
+        };
         let (s, e) = (info.data_offsets.0 as u64, info.data_offsets.1 as u64);
+        if s != end || e < s {
+            return Err(tensor_error(format!(
+                "data [{s}, {e}) does not start where the previous tensor's ends ({end}): \
+                 safetensors data must be contiguous, without gaps or overlaps"
+            )));
+        }
+        if e > data_len {
+            return Err(tensor_error(format!(
+                "data [{s}, {e}) lies outside the shard's {data_len} data bytes (truncated file?)"
+            )));
+        }
         let elems = info
             .shape
             .iter()
             .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64));
         let bytes = elems.and_then(|n| n.checked_mul(info.dtype.size() as u64));
-        if e < s || e > data_len {
-            return Err(ConvertError::Tensor {
-                path: path.to_path_buf(),
-                tensor: name,
-                problem: format!(
-                    "data [{s}, {e}) lies outside the shard's {data_len} data bytes (truncated file?)"
-                ),
-            });
-        }
         if bytes != Some(e - s) {
-            return Err(ConvertError::Tensor {
-                path: path.to_path_buf(),
-                tensor: name,
-                problem: format!(
-                    "{} bytes for shape {:?} of {:?}",
-                    e - s,
-                    info.shape,
-                    info.dtype
-                ),
-            });
+            return Err(tensor_error(format!(
+                "{} bytes for shape {:?} of {:?}",
+                e - s,
+                info.shape,
+                info.dtype
+            )));
         }
+        end = e;
         out.push(SourceTensor {
             name,
             dtype: info.dtype,
@@ -274,6 +380,13 @@ fn read_header(path: &Path, file: &File, len: u64, shard: usize) -> Result<Vec<S
             len: e - s,
         });
     }
+    if end != data_len {
+        return Err(bad(format!(
+            "the tensors' data ends at byte {end} of {data_len}: {} trailing bytes",
+            data_len - end
+        )));
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
 }
 
@@ -312,4 +425,112 @@ pub fn describe_dtypes(tensors: &BTreeMap<String, SourceTensor>) -> String {
         .collect();
     v.sort();
     v.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A safetensors file from a header's JSON and a data length.
+    fn file(header: &str, data_len: usize) -> Vec<u8> {
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.resize(bytes.len() + data_len, 0);
+        bytes
+    }
+
+    fn ours(bytes: &[u8]) -> Result<Vec<SourceTensor>> {
+        read_header_bytes(Path::new("model.safetensors"), bytes)
+    }
+
+    fn crates(bytes: &[u8]) -> bool {
+        safetensors::SafeTensors::read_metadata(bytes).is_ok()
+    }
+
+    #[test]
+    fn containers_the_crate_refuses_are_refused() {
+        let two = |a: (u32, u32), b: (u32, u32)| {
+            format!(
+                r#"{{"a":{{"dtype":"F32","shape":[2],"data_offsets":[{},{}]}},"b":{{"dtype":"F32","shape":[2],"data_offsets":[{},{}]}}}}"#,
+                a.0, a.1, b.0, b.1
+            )
+        };
+        let cases = [
+            ("overlapping", file(&two((0, 8), (0, 8)), 8), "contiguous"),
+            ("overlapping", file(&two((0, 8), (4, 12)), 12), "contiguous"),
+            (
+                "gap before the first",
+                file(&two((4, 12), (12, 20)), 20),
+                "contiguous",
+            ),
+            (
+                "gap between",
+                file(&two((0, 8), (12, 20)), 20),
+                "contiguous",
+            ),
+            (
+                "trailing bytes",
+                file(&two((0, 8), (8, 16)), 20),
+                "trailing",
+            ),
+            ("truncated", file(&two((0, 8), (8, 16)), 12), "outside"),
+        ];
+        for (what, bytes, says) in cases {
+            assert!(!crates(&bytes), "{what}: the crate accepts it");
+            let e = ours(&bytes).expect_err(what).to_string();
+            assert!(e.contains(says), "{what}: {e}");
+        }
+        let header = two((8, 16), (0, 8));
+        let good = file(&header, 16);
+        assert!(crates(&good));
+        let t = ours(&good).unwrap();
+        let a_start = 8 + header.len() as u64 + 8;
+        assert_eq!(
+            (t[0].name.as_str(), t[0].start, t[0].len),
+            ("a", a_start, 8)
+        );
+    }
+
+    /// Random small headers: ours accepts exactly what the crate accepts.
+    #[test]
+    fn agrees_with_the_crate_on_random_headers() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |n: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % n
+        };
+        let (mut accepted, mut refused) = (0, 0);
+        for _ in 0..20_000 {
+            let tensors = next(4);
+            let mut entries = Vec::new();
+            let mut at = 0u64;
+            for i in 0..tensors {
+                let dims = next(3);
+                let shape: Vec<u64> = (0..dims).map(|_| next(4)).collect();
+                let bytes = 2 * shape.iter().product::<u64>();
+                let s = if next(4) == 0 { next(12) } else { at };
+                let e = if next(4) == 0 {
+                    s + next(12)
+                } else {
+                    s + bytes
+                };
+                at = e;
+                entries.push(format!(
+                    r#""t{i}":{{"dtype":"BF16","shape":{shape:?},"data_offsets":[{s},{e}]}}"#
+                ));
+            }
+            let data = if next(3) == 0 { next(24) } else { at };
+            let bytes = file(&format!("{{{}}}", entries.join(",")), data as usize);
+            let ok = ours(&bytes).is_ok();
+            assert_eq!(ok, crates(&bytes), "{}", String::from_utf8_lossy(&bytes));
+            if ok {
+                accepted += 1;
+            } else {
+                refused += 1;
+            }
+        }
+        assert!(accepted > 1000 && refused > 1000, "{accepted} / {refused}");
+    }
 }

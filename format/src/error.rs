@@ -4,7 +4,9 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    #[error("{}: {source}", path.display())]
+    /// The cause is the error's `source()`, not part of its message, so that a chain
+    /// printed with `{:#}` names it once.
+    #[error("{}", path.display())]
     Io {
         path: PathBuf,
         source: std::io::Error,
@@ -13,6 +15,9 @@ pub enum Error {
     Invalid { path: PathBuf, problem: Problem },
     #[error("{}: {problem}", path.display())]
     Write { path: PathBuf, problem: String },
+    /// The output exists and the writer was told not to replace it.
+    #[error("{}: already exists", path.display())]
+    Exists { path: PathBuf },
 }
 
 impl Error {
@@ -35,6 +40,8 @@ pub enum Problem {
         needed: u64,
         available: u64,
     },
+    #[error("{0}, not a regular file: refusing to read it")]
+    NotRegularFile(&'static str),
     #[error("not a .tern file (bad magic bytes)")]
     BadMagic,
     #[error(
@@ -132,6 +139,8 @@ pub enum TensorProblem {
     Checksum { stored: u64, computed: u64 },
     #[error("invalid ternary code at row {row}, column {col} (TQ2 code 3, a TQ1 byte that encodes no 5 trits, or a non-zero padding trit)")]
     InvalidTrit { row: u64, col: u64 },
+    #[error("element {element} is NaN or infinite (for Q8_ROW: the scale of row {element})")]
+    NonFinite { element: u64 },
     #[error("Q8_ROW row {row} has a scale that is not finite and non-negative")]
     BadRowScale { row: u64 },
     #[error("data is not aligned for {0}-byte elements")]

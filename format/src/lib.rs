@@ -24,7 +24,7 @@ pub use config::{
 };
 pub use error::{Error, Problem, TensorProblem};
 pub use layout::Layout;
-pub use reader::{parse, ChecksumMismatch, Parsed, TensorInfo, TernFile};
+pub use reader::{file_kind, parse, ChecksumMismatch, Parsed, TensorInfo, TernFile};
 pub use writer::{TensorSpec, Writer};
 
 /// The 8 magic bytes every `.tern` file starts with.

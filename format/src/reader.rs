@@ -437,8 +437,18 @@ impl TernFile {
             path: path.clone(),
             source,
         };
+        // A FIFO or device would block `open` or never end: look before opening, and
+        // again at what was opened.
+        let kind = std::fs::metadata(&path).map_err(io)?.file_type();
+        if !kind.is_file() {
+            return Err(not_regular(path, kind));
+        }
         let file = File::open(&path).map_err(io)?;
-        let len = file.metadata().map_err(io)?.len();
+        let meta = file.metadata().map_err(io)?;
+        if !meta.is_file() {
+            return Err(not_regular(path, meta.file_type()));
+        }
+        let len = meta.len();
         if len < HEADER_LEN as u64 {
             return Err(Error::Invalid {
                 path,
@@ -609,6 +619,76 @@ impl TernFile {
             }
         }
         Ok(())
+    }
+
+    /// Checks that every float value is finite: each element of the F32, F16 and BF16
+    /// tensors (embeddings, norms, head) and each Q8_ROW row scale. The first NaN or
+    /// infinity is reported with its tensor and element index (as llama.cpp's
+    /// `--check-tensors` does): checksums only prove the bytes are the ones written, not
+    /// that a writer wrote numbers.
+    pub fn verify_floats(&self) -> Result<(), Error> {
+        for t in &self.parsed.tensors {
+            if let Some(element) = t.layout.and_then(|l| first_non_finite(l, t, self.data(t))) {
+                return Err(Error::Invalid {
+                    path: self.path.clone(),
+                    problem: Problem::Tensor {
+                        name: t.name.clone(),
+                        problem: TensorProblem::NonFinite { element },
+                    },
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Index of the first NaN or infinite value of a float tensor's bytes (for Q8_ROW, of the
+/// first row whose scale is not finite), judged on the exponent bits alone.
+fn first_non_finite(layout: Layout, t: &TensorInfo, bytes: &[u8]) -> Option<u64> {
+    let at = |i: Option<usize>| i.map(|i| i as u64);
+    match layout {
+        Layout::F32 => at(bytes.chunks_exact(4).position(|b| {
+            u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x7f80_0000 == 0x7f80_0000
+        })),
+        Layout::F16 => at(bytes
+            .chunks_exact(2)
+            .position(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7c00 == 0x7c00)),
+        Layout::Bf16 => at(bytes
+            .chunks_exact(2)
+            .position(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7f80 == 0x7f80)),
+        Layout::Q8Row => {
+            let cols = t.shape.get(1).copied().unwrap_or(0);
+            let stride = usize::try_from(crate::q8row::row_stride(cols)).ok()?;
+            at(bytes
+                .chunks_exact(stride)
+                .position(|rec| !crate::q8row::row_scale(rec).is_finite()))
+        }
+        _ => None,
+    }
+}
+
+fn not_regular(path: PathBuf, kind: std::fs::FileType) -> Error {
+    Error::Invalid {
+        path,
+        problem: Problem::NotRegularFile(file_kind(kind)),
+    }
+}
+
+/// What a non-regular file is, for error messages.
+pub fn file_kind(kind: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if kind.is_dir() {
+        "a directory"
+    } else if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_char_device() {
+        "a character device"
+    } else if kind.is_block_device() {
+        "a block device"
+    } else if kind.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
     }
 }
 

@@ -1,6 +1,7 @@
-use std::fs::{self, File};
+use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::{Error, Layout, Metadata, ALIGNMENT, HEADER_LEN, MAGIC, MAJOR, MINOR};
 
@@ -23,7 +24,10 @@ struct Slot {
 
 /// Streams a `.tern` file: declare the tensors, write each one's bytes in order, then
 /// [`Writer::finish`]. Data goes to a temporary file beside the target, which is synced
-/// and renamed over the target only by `finish`; dropping an unfinished writer deletes it.
+/// and renamed over the target only by `finish` (or, with
+/// [`Writer::replace_existing`]`(false)`, linked to it only if the target does not exist);
+/// dropping an unfinished writer deletes it, and the next writer to the same target
+/// removes what a killed one left.
 pub struct Writer {
     out: Option<BufWriter<File>>,
     tmp_path: PathBuf,
@@ -37,6 +41,8 @@ pub struct Writer {
     open: Option<(xxhash_rust::xxh3::Xxh3, u64)>,
     meta_len: usize,
     rewrite_meta: bool,
+    replace: bool,
+    stale_removed: Vec<PathBuf>,
 }
 
 impl Writer {
@@ -118,15 +124,27 @@ impl Writer {
         let file_name = path
             .file_name()
             .ok_or_else(|| invalid("output path has no file name".into()))?;
+        let stale_removed = remove_stale_temps(path);
+        // `.NAME.PID.N.tmp`: the PID lets a later run tell a dead writer's leftover from a
+        // live one's file, N keeps writers of one process apart.
+        static NEXT: AtomicU64 = AtomicU64::new(0);
         let mut tmp_name = std::ffi::OsString::from(".");
         tmp_name.push(file_name);
-        tmp_name.push(format!(".{}.tmp", std::process::id()));
+        tmp_name.push(format!(
+            ".{}.{}.tmp",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
         let tmp_path = path.with_file_name(tmp_name);
         let io = |source| Error::Io {
             path: tmp_path.clone(),
             source,
         };
-        let file = File::create(&tmp_path).map_err(io)?;
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp_path)
+            .map_err(io)?;
         let mut writer = Writer {
             out: Some(BufWriter::with_capacity(1 << 20, file)),
             tmp_path: tmp_path.clone(),
@@ -139,12 +157,29 @@ impl Writer {
             open: None,
             meta_len: meta.len(),
             rewrite_meta: false,
+            replace: true,
+            stale_removed,
         };
         let prefix = std::mem::take(&mut writer.prefix);
         writer.write_all(&prefix)?;
         writer.write_zeros(dir_len)?;
         writer.prefix = prefix;
         Ok(writer)
+    }
+
+    /// Whether [`Writer::finish`] may replace an existing file at the target (the default).
+    /// With `false` the file is put in place only if the path is free, atomically: of two
+    /// writers racing to one path exactly one succeeds and the other gets
+    /// [`Error::Exists`].
+    pub fn replace_existing(mut self, replace: bool) -> Writer {
+        self.replace = replace;
+        self
+    }
+
+    /// Temporary files of dead writers to the same target (a killed conversion's
+    /// leftovers) that `create` removed.
+    pub fn stale_removed(&self) -> &[PathBuf] {
+        &self.stale_removed
     }
 
     /// The name of the tensor `write_tensor` expects next, if any.
@@ -283,10 +318,42 @@ impl Writer {
         file.write_all(&dir).map_err(io)?;
         file.sync_all().map_err(io)?;
         drop(file);
-        fs::rename(&self.tmp_path, &self.path).map_err(|source| Error::Io {
-            path: self.path.clone(),
-            source,
-        })?;
+        if self.replace {
+            fs::rename(&self.tmp_path, &self.path).map_err(|source| Error::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+        } else {
+            // link(2) fails if the target exists, atomically, where rename would replace it.
+            match fs::hard_link(&self.tmp_path, &self.path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    return Err(Error::Exists {
+                        path: self.path.clone(),
+                    }); // dropping self removes the temporary file
+                }
+                // A file system without hard links (FAT, some FUSE mounts): fall back to a
+                // rename after a check, atomic except against a writer racing in between.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::Unsupported | std::io::ErrorKind::PermissionDenied
+                    ) && !self.path.exists() =>
+                {
+                    fs::rename(&self.tmp_path, &self.path).map_err(|source| Error::Io {
+                        path: self.path.clone(),
+                        source,
+                    })?;
+                }
+                Err(source) => {
+                    return Err(Error::Io {
+                        path: self.path.clone(),
+                        source,
+                    })
+                }
+            }
+            let _ = fs::remove_file(&self.tmp_path);
+        }
         // Make the rename durable too.
         if let Some(parent) = self.path.parent().filter(|p| !p.as_os_str().is_empty()) {
             if let Ok(d) = File::open(parent) {
@@ -323,6 +390,59 @@ impl Writer {
             problem,
         }
     }
+}
+
+/// How long a temporary file must have gone unmodified before it can be judged stale.
+const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Removes `.NAME.PID[.N].tmp` files beside `path` whose writing process is gone (killed
+/// before it could clean up) and that were not modified for [`STALE_AFTER`]. A PID is
+/// judged alive when `/proc/PID` exists; where `/proc` is not mounted nothing is removed.
+/// Returns the files removed.
+fn remove_stale_temps(path: &Path) -> Vec<PathBuf> {
+    let proc_fs = Path::new("/proc/self").exists();
+    let (Some(name), Some(dir)) = (path.file_name().and_then(|n| n.to_str()), path.parent()) else {
+        return Vec::new();
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let prefix = format!(".{name}.");
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(pid) = file_name
+            .to_str()
+            .and_then(|n| n.strip_prefix(&prefix))
+            .and_then(|rest| rest.strip_suffix(".tmp"))
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let alive = pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists();
+        // A writer in another PID namespace (a container sharing the folder) looks dead
+        // from here, but keeps its file's mtime fresh: leave recently written files alone.
+        let idle = entry
+            .metadata()
+            .ok()
+            .filter(|m| m.is_file())
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age >= STALE_AFTER);
+        if proc_fs && !alive && idle {
+            let stale = entry.path();
+            if fs::remove_file(&stale).is_ok() {
+                removed.push(stale);
+            }
+        }
+    }
+    removed
 }
 
 impl Drop for Writer {

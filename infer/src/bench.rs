@@ -71,6 +71,7 @@ pub fn time_prefill(
     kernels: Kernels,
     n: usize,
 ) -> Result<f64, InferError> {
+    crate::limits::check_ctx(&model.config, n, pool.threads(), "prompt length")?;
     let mut state = State::new(model, kernels, pool, n)?;
     let ids = tokens(n, model.config.vocab_size as usize, 1);
     let start = Instant::now();
@@ -87,7 +88,17 @@ pub fn time_decode(
     context: usize,
     n: usize,
 ) -> Result<f64, InferError> {
-    let mut state = State::new(model, kernels, pool, context + n + 1)?;
+    let ctx = context
+        .checked_add(n)
+        .and_then(|c| c.checked_add(1))
+        .unwrap_or(usize::MAX);
+    crate::limits::check_ctx(
+        &model.config,
+        ctx,
+        pool.threads(),
+        "context + decoded tokens",
+    )?;
+    let mut state = State::new(model, kernels, pool, ctx)?;
     let ids = tokens(n + 1, model.config.vocab_size as usize, 2);
     state.pos = context;
     model.forward(pool, &mut state, &ids[..1], Logits::Last, &mut NoProbe)?; // warm up
@@ -101,8 +112,10 @@ pub fn time_decode(
 /// Bytes a decode step reads at `context`: every weight once, plus the KV cache.
 pub fn bytes_per_token(model: &Model, context: usize) -> u64 {
     let c = &model.config;
-    let kv = 2 * c.num_hidden_layers * context as u64 * c.kv_dim() * 4;
-    model.weight_bytes_per_token() + kv
+    let kv = (2 * 4 * c.num_hidden_layers)
+        .saturating_mul(context as u64)
+        .saturating_mul(c.kv_dim());
+    model.weight_bytes_per_token().saturating_add(kv)
 }
 
 /// One kernel's throughput on one ISA.

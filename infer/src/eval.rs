@@ -54,6 +54,7 @@ pub fn perplexity(
             "window {window} is too small (at least 2)"
         )));
     }
+    crate::limits::check_ctx(&model.config, window, pool.threads(), "window")?;
     let ids = tokenizer.encode(text, false)?;
     if ids.is_empty() {
         return Err(InferError::Input("the text is empty".into()));

@@ -11,6 +11,7 @@ pub mod chat;
 pub mod eval;
 pub mod generate;
 pub mod kernels;
+pub mod limits;
 pub mod model;
 pub mod pool;
 pub mod reference;

@@ -19,20 +19,21 @@ pub struct Args {
     #[arg(long)]
     kernel: Option<String>,
     /// Prompt tokens for the prefill measurement
-    #[arg(short = 'p', long, default_value_t = 128)]
+    #[arg(short = 'p', long, default_value_t = 128, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     prompt: usize,
     /// Tokens decoded per decode measurement
-    #[arg(short = 'n', long, default_value_t = 128)]
+    #[arg(short = 'n', long, default_value_t = 128, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     decode: usize,
     /// Thread counts to measure, comma-separated (default: physical cores)
-    #[arg(short = 't', long, value_delimiter = ',')]
+    #[arg(short = 't', long, value_delimiter = ',', value_parser = super::run::parse_threads)]
     threads: Vec<usize>,
     /// Context lengths at which decode is measured
-    #[arg(long, value_delimiter = ',', default_values_t = [128usize, 1024, 4096])]
+    #[arg(long, value_delimiter = ',', default_values_t = [128usize, 1024, 4096],
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     contexts: Vec<usize>,
     /// Rounds of measurements (min/median/max are reported); each round measures the
     /// bandwidth, prefill and decode back to back, so the ratios compare neighbours in time
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     repeat: usize,
     /// Also measure every kernel on every ISA this CPU has
     #[arg(long)]
@@ -95,10 +96,14 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let file = model_args.open()?;
     let model = Model::load(&file)?;
     let kernels = model_args.kernels()?;
+    // Refuse what cannot fit before measuring anything (the measurements check again).
+    let fits = |n: usize, what| tern_infer::limits::check_ctx(&model.config, n, 1, what);
+    fits(args.prompt, "--prompt")?;
+    fits(args.decode.saturating_add(1), "--decode + 1")?;
     let max_ctx = model.config.max_position_embeddings as usize;
     // A context too long for the model is measured at the longest that fits the decoded
     // tokens (2B-4T: 4096 positions, so "4096" runs at 4096 − n − 1), and says so.
-    let limit = max_ctx.saturating_sub(args.decode + 1);
+    let limit = max_ctx.saturating_sub(args.decode.saturating_add(1));
     let mut contexts: Vec<usize> = Vec::new();
     for &c in &args.contexts {
         let fit = c.min(limit);

@@ -45,7 +45,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         None => ChatTemplate::fallback(bos, eos),
     };
     let mut sampler = Sampler::new(args.sampling.params()?);
-    let mut state = State::new(&model, kernels, &pool, args.model.ctx(&file))?;
+    let mut state = State::new(&model, kernels, &pool, args.model.ctx(&file)?)?;
 
     let mut messages: Vec<Message> = args.system.iter().map(Message::system).collect();
     // Token ids whose keys and values are in the cache, to reuse the common prefix.

@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use tern_infer::eval::perplexity;
 use tern_infer::generate::tokenizer_from_file;
 use tern_infer::model::Model;
@@ -16,7 +16,8 @@ pub struct Args {
     #[arg(long)]
     ppl: PathBuf,
     /// Positions per window, BOS included: the text is cut into windows of this size - 1
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(2..))]
     window: usize,
     /// Print one JSON document
     #[arg(long)]
@@ -33,8 +34,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let kernels = args.model.kernels()?;
     let pool = args.model.pool();
     let tokenizer = tokenizer_from_file(&file)?;
-    let text = std::fs::read_to_string(&args.ppl)
-        .with_context(|| format!("reading {}", args.ppl.display()))?;
+    let text = tern_infer::limits::read_text_file(&args.ppl)?;
     let bar = super::count_bar(args.quiet || args.json, "evaluating", 0);
     let result = perplexity(
         &model,

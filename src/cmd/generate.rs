@@ -36,7 +36,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let model = Model::load(&file)?;
     let tokenizer = tokenizer_from_file(&file)?;
     let mut sampler = Sampler::new(args.sampling.params()?);
-    let mut state = State::new(&model, kernels, &pool, args.model.ctx(&file))?;
+    let mut state = State::new(&model, kernels, &pool, args.model.ctx(&file)?)?;
     let prompt = tokenizer.encode(&args.prompt, true)?;
 
     let mut stream = tokenizer.stream(true);

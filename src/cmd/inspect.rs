@@ -9,7 +9,7 @@ use tern_format::{Layout, TernFile};
 pub struct Args {
     /// A .tern file
     file: PathBuf,
-    /// Verify every tensor's checksum and every ternary code
+    /// Verify every tensor's checksum, every ternary code and every float value
     #[arg(long)]
     check: bool,
     /// List every tensor
@@ -51,7 +51,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
             file.verify_checksums(std::thread::available_parallelism().map_or(1, |n| n.get()));
         check_seconds = start.elapsed().as_secs_f64();
         let trits = if damaged.is_empty() {
-            file.verify_trits().err()
+            file.verify_trits()
+                .and_then(|()| file.verify_floats())
+                .err()
         } else {
             None
         };
@@ -177,7 +179,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         if let Some(d) = &damaged {
             if ok {
                 println!(
-                    "check: all {} checksums and all ternary codes are valid (checksums at {:.1} GB/s)",
+                    "check: all {} checksums, ternary codes and float values are valid (checksums at {:.1} GB/s)",
                     file.tensors().len(),
                     file.len() as f64 / check_seconds.max(1e-9) / 1e9
                 );

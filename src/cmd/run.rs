@@ -12,14 +12,14 @@ use tern_infer::sampling::SamplingParams;
 pub struct ModelArgs {
     /// A .tern file
     pub model: PathBuf,
-    /// Worker threads (default: physical cores)
-    #[arg(short = 't', long)]
+    /// Worker threads (default: physical cores; at most 4 × the CPUs, 1024)
+    #[arg(short = 't', long, value_parser = parse_threads)]
     pub threads: Option<usize>,
     /// Force a kernel: scalar, avx2, avx512, neon (default: best for this CPU, or $TERN_KERNEL)
     #[arg(long)]
     pub kernel: Option<String>,
-    /// Context length in tokens (default: the model's max positions)
-    #[arg(long)]
+    /// Context length in tokens (default and maximum: the model's max positions)
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub ctx: Option<usize>,
 }
 
@@ -42,11 +42,24 @@ impl ModelArgs {
         Pool::new(self.threads.unwrap_or_else(physical_cores).max(1))
     }
 
-    pub fn ctx(&self, file: &TernFile) -> usize {
-        self.ctx
-            .unwrap_or(file.metadata().config.max_position_embeddings as usize)
-            .max(1)
+    /// `--ctx`, or the model's positions; checked against the model and the machine's
+    /// memory before any cache is allocated.
+    pub fn ctx(&self, file: &TernFile) -> Result<usize> {
+        let config = &file.metadata().config;
+        let threads = self.threads.unwrap_or_else(physical_cores);
+        let ctx = self.ctx.unwrap_or_else(|| {
+            usize::try_from(config.max_position_embeddings).unwrap_or(usize::MAX)
+        });
+        Ok(tern_infer::limits::check_ctx(
+            config, ctx, threads, "--ctx",
+        )?)
     }
+}
+
+/// `--threads`: a count this machine allows (see `tern_infer::limits::check_threads`).
+pub fn parse_threads(s: &str) -> Result<usize, String> {
+    let n: usize = s.parse().map_err(|e| format!("{e}"))?;
+    tern_infer::limits::check_threads(n).map_err(|e| e.to_string())
 }
 
 #[derive(clap::Args, Clone)]
