@@ -8,6 +8,7 @@
 pub mod compare;
 mod error;
 pub mod family;
+pub mod gguf;
 pub mod hub;
 pub mod source;
 pub mod synth;
@@ -207,7 +208,7 @@ pub fn convert(
     })
 }
 
-fn file_name(path: &Path) -> String {
+pub(crate) fn file_name(path: &Path) -> String {
     path.file_name()
         .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
 }

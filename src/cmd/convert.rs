@@ -6,8 +6,8 @@ use tern_convert::{hub, Family, Options};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model folder (config.json + safetensors + tokenizer) or a repo id in the local
-    /// Hugging Face cache, e.g. microsoft/bitnet-b1.58-2B-4T
+    /// Model folder (config.json + safetensors + tokenizer), a repo id in the local
+    /// Hugging Face cache (e.g. microsoft/bitnet-b1.58-2B-4T), or a GGUF file
     source: String,
     /// Output .tern file
     #[arg(short, long)]
@@ -38,6 +38,14 @@ pub struct Args {
     /// Print the conversion report as JSON
     #[arg(long)]
     json: bool,
+    /// GGUF input: block layout of its I2_S tensors, x86 or arm (which bitnet.cpp build
+    /// wrote it; `tern verify FILE.gguf --source DIR` tells)
+    #[arg(long, default_value = "x86")]
+    i2s_layout: String,
+    /// GGUF input: the FFN activation (relu2 or silu) instead of the one the
+    /// architecture's engine graph runs (llama.cpp's `bitnet` graph runs SiLU)
+    #[arg(long)]
+    activation: Option<String>,
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
@@ -52,6 +60,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
         },
     };
     let (ternary, head) = super::compact_options(&args.layout, &args.head)?;
+    let gguf_input = std::path::Path::new(&args.source);
+    if gguf_input.is_file() && tern_convert::gguf::is_gguf(gguf_input) {
+        return import_gguf(&args, ternary);
+    }
     let source = hub::resolve(&args.source, args.revision.as_deref())?;
     let options = Options {
         ternary,
@@ -66,6 +78,38 @@ pub fn run(args: Args) -> Result<ExitCode> {
         bar.set_position(done);
     })?;
     bar.finish_and_clear();
+    print_report(&args, &report)
+}
+
+/// `tern convert MODEL.gguf -o M.tern`.
+fn import_gguf(args: &Args, ternary: tern_convert::TernaryFormat) -> Result<ExitCode> {
+    use tern_convert::gguf::{verify::parse_i2s_layout, ImportOptions};
+    let Some(i2s_layout) = parse_i2s_layout(&args.i2s_layout) else {
+        bail!("--i2s-layout {:?}: x86 or arm", args.i2s_layout);
+    };
+    let activation = match args.activation.as_deref() {
+        None => None,
+        Some("relu2") => Some(tern_format::Activation::Relu2),
+        Some("silu") => Some(tern_format::Activation::Silu),
+        Some(other) => bail!("--activation {other:?}: relu2 or silu"),
+    };
+    let options = ImportOptions {
+        ternary,
+        i2s_layout,
+        activation,
+        force: args.force,
+    };
+    let bar = super::byte_bar(args.quiet || args.json, "importing");
+    let source = std::path::Path::new(&args.source);
+    let report = tern_convert::gguf::import(source, &args.output, &options, &|done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    })?;
+    bar.finish_and_clear();
+    print_report(args, &report)
+}
+
+fn print_report(args: &Args, report: &tern_convert::Report) -> Result<ExitCode> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(ExitCode::SUCCESS);
@@ -77,7 +121,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         let gbs = report.input_bytes as f64 / report.seconds.max(1e-9) / 1e9;
         println!(
             "{} ({}) -> {}: {} tensors, {} in {:.2} s ({gbs:.2} GB/s)",
-            source.display(),
+            report.source.display(),
             report.family,
             report.output.display(),
             report.tensors,

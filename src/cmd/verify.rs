@@ -55,6 +55,9 @@ pub struct Args {
     /// Print one JSON document
     #[arg(long)]
     json: bool,
+    /// For a GGUF: its I2_S block layout, x86 or arm
+    #[arg(long, default_value = "x86")]
+    i2s_layout: String,
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
@@ -63,6 +66,16 @@ pub fn run(args: Args) -> Result<ExitCode> {
         max_kl: args.max_kl,
         min_greedy: args.min_greedy,
     };
+    if tern_convert::gguf::is_gguf(&args.model.model) {
+        let (source, family) = (args.source.as_deref(), args.family.as_deref());
+        return super::export::verify_gguf(
+            &args.model.model,
+            source,
+            family,
+            &args.i2s_layout,
+            args.json,
+        );
+    }
     let file = args.model.open()?;
     let mut failures: Vec<String> = Vec::new();
 

@@ -1,0 +1,491 @@
+//! `.tern` → GGUF, writing what the engines' own converters write: bitnet.cpp's I2_S files
+//! (arch `bitnet-25`, its key set, F16 `token_embd`, F32 norms) and mainline llama.cpp's
+//! TQ1_0/TQ2_0 files (arch `bitnet` or `llama`, its key set). One tensor at a time, float
+//! tensors in row chunks, to a temporary file renamed into place at the end.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use serde::Serialize;
+use tern_format::{expected_tensors, Activation, Architecture, Layout, TensorRole, TernFile};
+
+use super::import::{gguf_name, permuted_row};
+use super::reader::{encode_str, Value, DEFAULT_ALIGNMENT, MAGIC};
+use super::tokenizer::from_tokenizer_json;
+use super::types::{encode_i2s, encode_tq1, encode_tq2, GgmlType, I2sLayout};
+use crate::error::{ConvertError, Result};
+
+/// The ternary type of an exported file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum ExportType {
+    /// bitnet.cpp's I2_S (type 36 in its fork).
+    I2s,
+    /// llama.cpp's TQ2_0 (type 35).
+    Tq2_0,
+    /// llama.cpp's TQ1_0 (type 34).
+    Tq1_0,
+}
+
+impl ExportType {
+    pub fn parse(s: &str) -> Option<ExportType> {
+        match s.to_ascii_lowercase().as_str() {
+            "i2_s" | "i2s" => Some(ExportType::I2s),
+            "tq2_0" | "tq2" => Some(ExportType::Tq2_0),
+            "tq1_0" | "tq1" => Some(ExportType::Tq1_0),
+            _ => None,
+        }
+    }
+
+    fn ggml(self) -> GgmlType {
+        match self {
+            ExportType::I2s => GgmlType::I2_S,
+            ExportType::Tq2_0 => GgmlType::TQ2_0,
+            ExportType::Tq1_0 => GgmlType::TQ1_0,
+        }
+    }
+
+    /// `general.file_type`: the fork's `LLAMA_FTYPE_MOSTLY_I2_S` = 40; mainline's
+    /// `MOSTLY_TQ1_0` = 36, `MOSTLY_TQ2_0` = 37.
+    fn file_type(self) -> u32 {
+        match self {
+            ExportType::I2s => 40,
+            ExportType::Tq1_0 => 36,
+            ExportType::Tq2_0 => 37,
+        }
+    }
+}
+
+/// Options of [`export`].
+#[derive(Clone, Debug)]
+pub struct ExportOptions {
+    pub ty: ExportType,
+    /// Block layout of I2_S (x86 unless the file is for an ARM build of bitnet.cpp).
+    pub i2s_layout: I2sLayout,
+    /// Keep the embeddings and head in the `.tern` file's float type (F32/F16/BF16)
+    /// instead of F16, which is what the engines' converters write (lossy for bf16 values
+    /// below fp16's normal range).
+    pub exact_embeddings: bool,
+    pub force: bool,
+}
+
+/// What an export did.
+#[derive(Clone, Debug, Serialize)]
+pub struct ExportReport {
+    pub output: PathBuf,
+    pub architecture: String,
+    pub ty: ExportType,
+    pub tensors: usize,
+    pub output_bytes: u64,
+    pub seconds: f64,
+    pub warnings: Vec<String>,
+}
+
+/// The GGUF architecture a model is exported as, for the engine that reads `ty`.
+fn arch_name(
+    c: &tern_format::ModelConfig,
+    ty: ExportType,
+    warnings: &mut Vec<String>,
+) -> &'static str {
+    match (c.architecture, c.activation, ty) {
+        (Architecture::Llama, ..) => "llama",
+        (Architecture::Bitnet, Activation::Relu2, ExportType::I2s) => "bitnet-25",
+        (Architecture::Bitnet, Activation::Relu2, _) => {
+            warnings.push(
+                "relu² model written as llama.cpp's \"bitnet\" architecture (what its converter \
+                 writes): llama.cpp's bitnet graph runs SiLU, so its outputs will not be this \
+                 model's; bitnet.cpp (--type i2_s) runs it correctly"
+                    .into(),
+            );
+            "bitnet"
+        }
+        (Architecture::Bitnet, Activation::Silu, _) => "bitnet",
+    }
+}
+
+struct Planned {
+    name: String,
+    gguf: String,
+    ne: Vec<u64>,
+    ty: GgmlType,
+    role: TensorRole,
+    offset: u64,
+    byte_len: u64,
+}
+
+/// Writes the `.tern` file `file` as the GGUF `output`.
+pub fn export(
+    file: &TernFile,
+    output: &Path,
+    options: &ExportOptions,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<ExportReport> {
+    let start = std::time::Instant::now();
+    if output.exists() && !options.force {
+        return Err(ConvertError::OutputExists(output.to_path_buf()));
+    }
+    let meta = file.metadata();
+    let c = &meta.config;
+    let mut warnings = Vec::new();
+    let arch = arch_name(c, options.ty, &mut warnings);
+    let bitnet = arch != "llama";
+    if bitnet != (c.attn_sub_norm && c.ffn_sub_norm) {
+        return Err(ConvertError::Unsupported(format!(
+            "{}: a model {} sub-norms has no GGUF architecture the engines run",
+            file.path().display(),
+            if bitnet { "without" } else { "with" }
+        )));
+    }
+    let fail = |tensor: &str, problem: String| ConvertError::Tensor {
+        path: file.path().to_path_buf(),
+        tensor: tensor.to_string(),
+        problem,
+    };
+
+    // Tensors: names, types, offsets.
+    let mut plan = Vec::new();
+    let mut offset = 0u64;
+    for (name, shape, role) in expected_tensors(c) {
+        let t = file
+            .tensor(&name)
+            .ok_or_else(|| fail(&name, "missing".into()))?;
+        let layout = t
+            .layout
+            .ok_or_else(|| fail(&name, "unknown layout".into()))?;
+        let ty = match role {
+            TensorRole::Ternary => options.ty.ggml(),
+            TensorRole::Norm => GgmlType::F32,
+            TensorRole::Embedding => match layout {
+                Layout::Bf16 if options.exact_embeddings => GgmlType::BF16,
+                Layout::F32 if options.exact_embeddings => GgmlType::F32,
+                _ => GgmlType::F16,
+            },
+        };
+        let ne: Vec<u64> = shape.iter().rev().copied().collect();
+        let byte_len = ty
+            .byte_len(&ne)
+            .map_err(|p| fail(&name, format!("cannot be {ty}: {p}")))?;
+        if role == TensorRole::Ternary
+            && options.ty == ExportType::I2s
+            && !ne[0].is_multiple_of(128)
+        {
+            return Err(fail(
+                &name,
+                format!(
+                    "{} columns: bitnet.cpp's I2_S kernels need a multiple of 128",
+                    ne[0]
+                ),
+            ));
+        }
+        plan.push(Planned {
+            gguf: gguf_name(&name).expect("every expected tensor has a GGUF name"),
+            name,
+            ne,
+            ty,
+            role,
+            offset,
+            byte_len,
+        });
+        offset = (offset + byte_len).next_multiple_of(DEFAULT_ALIGNMENT);
+    }
+
+    // Header: metadata, then tensor infos.
+    let kv = metadata(file, arch, options.ty)?;
+    let mut header = Vec::new();
+    header.extend_from_slice(&MAGIC);
+    header.extend_from_slice(&3u32.to_le_bytes());
+    header.extend_from_slice(&(plan.len() as u64).to_le_bytes());
+    header.extend_from_slice(&(kv.len() as u64).to_le_bytes());
+    for (k, v) in &kv {
+        encode_str(k, &mut header);
+        v.encode_typed(&mut header);
+    }
+    for p in &plan {
+        encode_str(&p.gguf, &mut header);
+        header.extend_from_slice(&(p.ne.len() as u32).to_le_bytes());
+        for d in &p.ne {
+            header.extend_from_slice(&d.to_le_bytes());
+        }
+        header.extend_from_slice(&p.ty.0.to_le_bytes());
+        header.extend_from_slice(&p.offset.to_le_bytes());
+    }
+    header.resize(header.len().next_multiple_of(DEFAULT_ALIGNMENT as usize), 0);
+
+    let tmp = temp_path(output);
+    let io = |e| ConvertError::Io {
+        path: tmp.clone(),
+        source: e,
+    };
+    let mut out = TempFile {
+        path: tmp.clone(),
+        writer: Some(BufWriter::with_capacity(
+            1 << 20,
+            File::create(&tmp).map_err(io)?,
+        )),
+    };
+    out.write(&header).map_err(io)?;
+    let total: u64 = plan.iter().map(|p| p.byte_len).sum();
+    let mut pos = 0u64;
+    for p in &plan {
+        out.write(&vec![0u8; (p.offset - pos) as usize])
+            .map_err(io)?;
+        let t = file.tensor(&p.name).expect("planned");
+        let written = match p.role {
+            TensorRole::Ternary => {
+                let bytes =
+                    ternary_bytes(file, t, c, arch, options).map_err(|e| fail(&p.name, e))?;
+                out.write(&bytes).map_err(io)?;
+                bytes.len() as u64
+            }
+            _ => write_floats(file, t, p.ty, &mut out).map_err(|e| match e {
+                FloatError::Io(e) => io(e),
+                FloatError::Value(problem) => fail(&p.name, problem),
+            })?,
+        };
+        debug_assert_eq!(written, p.byte_len);
+        pos = p.offset + written;
+        progress(pos, total);
+    }
+    let writer = out.writer.take().expect("open");
+    let f = writer.into_inner().map_err(|e| io(e.into_error()))?;
+    f.sync_all().map_err(io)?;
+    drop(f);
+    std::fs::rename(&tmp, output).map_err(crate::error::io(output))?;
+    out.path = PathBuf::new();
+    Ok(ExportReport {
+        output: output.to_path_buf(),
+        architecture: arch.to_string(),
+        ty: options.ty,
+        tensors: plan.len(),
+        output_bytes: std::fs::metadata(output)
+            .map_err(crate::error::io(output))?
+            .len(),
+        seconds: start.elapsed().as_secs_f64(),
+        warnings,
+    })
+}
+
+/// The metadata pairs of the engine that reads `ty`, in its converter's order.
+fn metadata(file: &TernFile, arch: &str, ty: ExportType) -> Result<Vec<(String, Value)>> {
+    let m = file.metadata();
+    let c = &m.config;
+    let vocab = from_tokenizer_json(file.tokenizer_json(), c.vocab_size as usize).map_err(|p| {
+        ConvertError::Source {
+            path: file.path().to_path_buf(),
+            problem: p,
+        }
+    })?;
+    let u32v = |v: u64| Value::U32(v as u32);
+    let key = |k: &str| format!("{arch}.{k}");
+    let mut kv: Vec<(String, Value)> =
+        vec![("general.architecture".into(), Value::Str(arch.into()))];
+    let name = file
+        .path()
+        .file_stem()
+        .map_or("model".into(), |s| s.to_string_lossy().into_owned());
+    let bitnet_cpp = ty == ExportType::I2s;
+    if !bitnet_cpp {
+        kv.push(("general.type".into(), Value::Str("model".into())));
+    }
+    kv.push(("general.name".into(), Value::Str(name)));
+    if bitnet_cpp || arch == "llama" {
+        kv.push((key("vocab_size"), u32v(c.vocab_size)));
+    }
+    kv.push((key("context_length"), u32v(c.max_position_embeddings)));
+    kv.push((key("embedding_length"), u32v(c.hidden_size)));
+    kv.push((key("block_count"), u32v(c.num_hidden_layers)));
+    kv.push((key("feed_forward_length"), u32v(c.intermediate_size)));
+    if bitnet_cpp || arch == "llama" {
+        kv.push((key("rope.dimension_count"), u32v(c.head_dim)));
+    }
+    kv.push((key("attention.head_count"), u32v(c.num_attention_heads)));
+    kv.push((key("attention.head_count_kv"), u32v(c.num_key_value_heads)));
+    if c.head_dim * c.num_attention_heads != c.hidden_size {
+        kv.push((key("attention.key_length"), u32v(c.head_dim)));
+        kv.push((key("attention.value_length"), u32v(c.head_dim)));
+    }
+    kv.push((
+        key("attention.layer_norm_rms_epsilon"),
+        Value::F32(c.rms_norm_eps as f32),
+    ));
+    kv.push((key("rope.freq_base"), Value::F32(c.rope_theta as f32)));
+    kv.push(("general.file_type".into(), Value::U32(ty.file_type())));
+    kv.push(("tokenizer.ggml.model".into(), Value::Str("gpt2".into())));
+    if !bitnet_cpp {
+        kv.push(("tokenizer.ggml.pre".into(), Value::Str(vocab.pre.into())));
+    }
+    let strings = |v: Vec<String>| {
+        use super::reader::value_type::STRING;
+        Value::Array(STRING, v.into_iter().map(Value::Str).collect())
+    };
+    let n = vocab.tokens.len();
+    kv.push(("tokenizer.ggml.tokens".into(), strings(vocab.tokens)));
+    if bitnet_cpp {
+        use super::reader::value_type::F32;
+        kv.push((
+            "tokenizer.ggml.scores".into(),
+            Value::Array(F32, vec![Value::F32(0.0); n]),
+        ));
+    }
+    {
+        use super::reader::value_type::I32;
+        kv.push((
+            "tokenizer.ggml.token_type".into(),
+            Value::Array(I32, vocab.types.into_iter().map(Value::I32).collect()),
+        ));
+    }
+    kv.push(("tokenizer.ggml.merges".into(), strings(vocab.merges)));
+    if let Some(bos) = c.bos_token_id {
+        kv.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(bos)));
+    }
+    if let Some(&eos) = c.eos_token_ids.first() {
+        kv.push(("tokenizer.ggml.eos_token_id".into(), Value::U32(eos)));
+    }
+    kv.push((
+        "tokenizer.ggml.add_bos_token".into(),
+        Value::Bool(c.add_bos_token),
+    ));
+    if !bitnet_cpp {
+        kv.push(("tokenizer.ggml.add_eos_token".into(), Value::Bool(false)));
+    }
+    if let Some(t) = &m.chat_template {
+        kv.push(("tokenizer.chat_template".into(), Value::Str(t.clone())));
+    }
+    kv.push(("general.quantization_version".into(), Value::U32(2)));
+    Ok(kv)
+}
+
+/// A ternary tensor in the export type, rows in the engine's order (llama.cpp's Q/K
+/// permutation for arch `llama`).
+fn ternary_bytes(
+    file: &TernFile,
+    t: &tern_format::TensorInfo,
+    c: &tern_format::ModelConfig,
+    arch: &str,
+    options: &ExportOptions,
+) -> Result<Vec<u8>, String> {
+    let layout = t.layout.filter(|l| l.is_ternary()).ok_or("not ternary")?;
+    let (rows, cols) = (t.shape[0] as usize, t.shape[1] as usize);
+    let row_bytes = layout.ternary_row_bytes(cols as u64).expect("ternary") as usize;
+    let mut trits = vec![0i8; rows * cols];
+    let permute =
+        arch == "llama" && (t.name.ends_with("q_proj.weight") || t.name.ends_with("k_proj.weight"));
+    for (r, src) in file.data(t).chunks_exact(row_bytes).enumerate() {
+        let g = if permute {
+            permuted_row(r, c.head_dim as usize)
+        } else {
+            r
+        };
+        layout
+            .unpack_ternary_row(src, &mut trits[g * cols..(g + 1) * cols])
+            .map_err(|col| format!("row {r}, column {col} holds an invalid code"))?;
+    }
+    Ok(match options.ty {
+        ExportType::I2s => encode_i2s(&trits, t.scale, options.i2s_layout),
+        ty => {
+            let d = f16::from_f32(t.scale);
+            if !d.is_finite() || d.to_f32() <= 0.0 {
+                return Err(format!("scale {:e} has no fp16 form", t.scale));
+            }
+            if ty == ExportType::Tq2_0 {
+                encode_tq2(&trits, d)
+            } else {
+                encode_tq1(&trits, d)
+            }
+        }
+    })
+}
+
+enum FloatError {
+    Io(std::io::Error),
+    Value(String),
+}
+
+/// Writes a float (or Q8_ROW) tensor as `ty` (F32, F16 or BF16), a few MiB at a time.
+fn write_floats(
+    file: &TernFile,
+    t: &tern_format::TensorInfo,
+    ty: GgmlType,
+    out: &mut TempFile,
+) -> std::result::Result<u64, FloatError> {
+    let layout = t.layout.ok_or(FloatError::Value("unknown layout".into()))?;
+    let data = file.data(t);
+    let cols = *t.shape.last().unwrap_or(&1) as usize;
+    let row_in = match layout {
+        Layout::Q8Row => tern_format::q8row::row_stride(cols as u64) as usize,
+        Layout::F32 => cols * 4,
+        Layout::F16 | Layout::Bf16 => cols * 2,
+        other => return Err(FloatError::Value(format!("layout {other} is not a float"))),
+    };
+    let rows_per_chunk = ((4 << 20) / row_in.max(1)).max(1);
+    let mut values = vec![0f32; cols];
+    let mut written = 0u64;
+    for (ci, chunk) in data.chunks(rows_per_chunk * row_in).enumerate() {
+        let mut bytes = Vec::with_capacity(chunk.len() * 2);
+        for (ri, row) in chunk.chunks_exact(row_in).enumerate() {
+            match layout {
+                Layout::Q8Row => tern_format::q8row::dequantize_row(row, &mut values),
+                Layout::F32 => values
+                    .iter_mut()
+                    .zip(row.chunks_exact(4))
+                    .for_each(|(v, b)| *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+                Layout::F16 => values
+                    .iter_mut()
+                    .zip(row.chunks_exact(2))
+                    .for_each(|(v, b)| *v = f16::from_le_bytes([b[0], b[1]]).to_f32()),
+                _ => values
+                    .iter_mut()
+                    .zip(row.chunks_exact(2))
+                    .for_each(|(v, b)| *v = bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+            }
+            for (c, &v) in values.iter().enumerate() {
+                match ty {
+                    GgmlType::F32 => bytes.extend_from_slice(&v.to_le_bytes()),
+                    GgmlType::BF16 => bytes.extend_from_slice(&bf16::from_f32(v).to_le_bytes()),
+                    _ => {
+                        let h = f16::from_f32(v);
+                        if h.is_infinite() && v.is_finite() {
+                            let r = ci * rows_per_chunk + ri;
+                            return Err(FloatError::Value(format!(
+                                "value {v:e} at row {r}, column {c} overflows F16 (use --exact-embeddings)"
+                            )));
+                        }
+                        bytes.extend_from_slice(&h.to_le_bytes());
+                    }
+                }
+            }
+        }
+        out.write(&bytes).map_err(FloatError::Io)?;
+        written += bytes.len() as u64;
+    }
+    Ok(written)
+}
+
+/// The output being written; removed unless renamed into place.
+struct TempFile {
+    path: PathBuf,
+    writer: Option<BufWriter<File>>,
+}
+
+impl TempFile {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.writer.as_mut().expect("open").write_all(bytes)
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if !self.path.as_os_str().is_empty() {
+            self.writer = None;
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+fn temp_path(output: &Path) -> PathBuf {
+    let mut name = std::ffi::OsString::from(".");
+    name.push(output.file_name().unwrap_or_default());
+    name.push(format!(".{}.tmp", std::process::id()));
+    output.with_file_name(name)
+}
