@@ -5,6 +5,7 @@ mod common;
 mod compact;
 mod convert;
 mod default_model;
+mod gguf;
 mod inference;
 mod inspect;
 mod verify;

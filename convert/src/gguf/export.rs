@@ -13,7 +13,7 @@ use tern_format::{expected_tensors, Activation, Architecture, Layout, TensorRole
 
 use super::import::{gguf_name, permuted_row};
 use super::reader::{encode_str, Value, DEFAULT_ALIGNMENT, MAGIC};
-use super::tokenizer::from_tokenizer_json;
+use super::tokenizer::{from_tokenizer_json, token_type::CONTROL};
 use super::types::{encode_i2s, encode_tq1, encode_tq2, GgmlType, I2sLayout};
 use crate::error::{ConvertError, Result};
 
@@ -319,13 +319,14 @@ fn metadata(file: &TernFile, arch: &str, ty: ExportType) -> Result<Vec<(String, 
         use super::reader::value_type::STRING;
         Value::Array(STRING, v.into_iter().map(Value::Str).collect())
     };
-    let n = vocab.tokens.len();
     kv.push(("tokenizer.ggml.tokens".into(), strings(vocab.tokens)));
     if bitnet_cpp {
+        // bitnet.cpp's converter scores control tokens -1000, the others 0.
         use super::reader::value_type::F32;
+        let score = |&t: &i32| Value::F32(if t == CONTROL { -1000.0 } else { 0.0 });
         kv.push((
             "tokenizer.ggml.scores".into(),
-            Value::Array(F32, vec![Value::F32(0.0); n]),
+            Value::Array(F32, vocab.types.iter().map(score).collect()),
         ));
     }
     {

@@ -479,3 +479,83 @@ pub fn parse<R: Read>(reader: &mut R, len: u64) -> Result<Header, ParseError> {
         data_offset,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A small valid GGUF: two metadata pairs (one an array), one F32 tensor.
+    fn sample() -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&MAGIC);
+        b.extend_from_slice(&3u32.to_le_bytes());
+        b.extend_from_slice(&1u64.to_le_bytes());
+        b.extend_from_slice(&2u64.to_le_bytes());
+        encode_str("general.architecture", &mut b);
+        Value::Str("bitnet".into()).encode_typed(&mut b);
+        encode_str("tokenizer.ggml.tokens", &mut b);
+        Value::Array(
+            value_type::STRING,
+            vec![Value::Str("a".into()), Value::Str("b".into())],
+        )
+        .encode_typed(&mut b);
+        encode_str("output_norm.weight", &mut b);
+        b.extend_from_slice(&1u32.to_le_bytes());
+        b.extend_from_slice(&4u64.to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend_from_slice(&0u64.to_le_bytes());
+        b.resize(b.len().next_multiple_of(32), 0);
+        b.extend_from_slice(&[0u8; 16]);
+        b
+    }
+
+    #[test]
+    fn sample_parses() {
+        let h = parse_bytes(&sample()).unwrap();
+        assert_eq!(
+            h.get("general.architecture").and_then(Value::as_str),
+            Some("bitnet")
+        );
+        assert_eq!(h.tensors[0].byte_len, 16);
+        assert_eq!(h.data_offset % 32, 0);
+    }
+
+    #[test]
+    fn every_truncation_is_an_error() {
+        let b = sample();
+        for len in 0..b.len() {
+            assert!(parse_bytes(&b[..len]).is_err(), "length {len}");
+        }
+    }
+
+    #[test]
+    fn huge_counts_are_refused_before_allocating() {
+        let mut b = sample();
+        b[16..24].copy_from_slice(&u64::MAX.to_le_bytes()); // metadata count
+        assert!(parse_bytes(&b).is_err());
+        let mut b = sample();
+        b[8..16].copy_from_slice(&(1u64 << 40).to_le_bytes()); // tensor count
+        assert!(parse_bytes(&b).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn mutations_never_panic(edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8)) {
+            let mut b = sample();
+            let n = b.len();
+            for (at, v) in edits {
+                b[at % n] = v;
+            }
+            let _ = parse_bytes(&b);
+        }
+
+        #[test]
+        fn random_bytes_never_panic(tail in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let mut b = MAGIC.to_vec();
+            b.extend_from_slice(&3u32.to_le_bytes());
+            b.extend_from_slice(&tail);
+            let _ = parse_bytes(&b);
+        }
+    }
+}
