@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use tern_convert::gguf::{self, verify::parse_i2s_layout, ExportOptions, ExportType};
-use tern_convert::{hub, Family, Options};
+use tern_convert::gguf::{self, verify::parse_i2s_layout, ExportOptions, ExportSource, ExportType};
+use tern_convert::{hub, Family};
 use tern_format::TernFile;
 
 #[derive(clap::Args)]
@@ -58,35 +58,21 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let path = PathBuf::from(&args.source);
     let report = if path.is_file() {
         let file = TernFile::open(&path)?;
-        gguf::export(&file, &args.output, &options, &progress)?
+        gguf::export(
+            &ExportSource::Tern(&file),
+            &args.output,
+            &options,
+            &progress,
+        )?
     } else {
-        // A checkpoint: convert to a temporary .tern beside the output (both steps stream),
-        // then export it.
-        if args.output.exists() && !args.force {
-            bail!(
-                "{}: already exists (pass --force to overwrite)",
-                args.output.display()
-            );
-        }
+        // A checkpoint, read tensor by tensor: one streaming step.
         let dir = hub::resolve(&args.source, None)?;
-        let tmp = tempfile::Builder::new()
-            .suffix(".tern")
-            .tempfile_in(
-                args.output
-                    .parent()
-                    .filter(|p| !p.as_os_str().is_empty())
-                    .unwrap_or(".".as_ref()),
-            )?
-            .into_temp_path();
-        let convert = Options {
-            force: true,
-            ..Options::default()
-        };
-        bar.set_message("converting");
-        tern_convert::convert(&dir, &tmp, &convert, &progress)?;
-        bar.set_message("exporting");
-        let file = TernFile::open(&tmp)?;
-        gguf::export(&file, &args.output, &options, &progress)?
+        let prepared = tern_convert::prepare(&dir, None)?;
+        for w in &prepared.warnings {
+            eprintln!("warning: {w}");
+        }
+        let source = ExportSource::Checkpoint(&prepared);
+        gguf::export(&source, &args.output, &options, &progress)?
     };
     bar.finish_and_clear();
     if args.json {

@@ -104,6 +104,213 @@ fn arch_name(
     }
 }
 
+/// What an export reads: a `.tern` file, or a Hugging Face checkpoint read tensor by tensor
+/// (one streaming step, no intermediate file).
+pub enum ExportSource<'a> {
+    Tern(&'a TernFile),
+    Checkpoint(&'a crate::Prepared),
+}
+
+impl ExportSource<'_> {
+    fn config(&self) -> &tern_format::ModelConfig {
+        match self {
+            ExportSource::Tern(f) => &f.metadata().config,
+            ExportSource::Checkpoint(p) => &p.metadata.config,
+        }
+    }
+
+    fn chat_template(&self) -> Option<&str> {
+        match self {
+            ExportSource::Tern(f) => f.metadata().chat_template.as_deref(),
+            ExportSource::Checkpoint(p) => p.metadata.chat_template.as_deref(),
+        }
+    }
+
+    fn tokenizer_json(&self) -> &[u8] {
+        match self {
+            ExportSource::Tern(f) => f.tokenizer_json(),
+            ExportSource::Checkpoint(p) => {
+                p.checkpoint.tokenizer_json.as_deref().unwrap_or_default()
+            }
+        }
+    }
+
+    fn path(&self) -> &Path {
+        match self {
+            ExportSource::Tern(f) => f.path(),
+            ExportSource::Checkpoint(p) => &p.checkpoint.dir,
+        }
+    }
+
+    fn error(&self, tensor: &str, problem: String) -> ConvertError {
+        ConvertError::Tensor {
+            path: self.path().to_path_buf(),
+            tensor: tensor.to_string(),
+            problem,
+        }
+    }
+
+    /// The float layout a tensor is stored in.
+    fn float_layout(&self, name: &str) -> Result<Layout> {
+        let layout = match self {
+            ExportSource::Tern(f) => f.tensor(name).and_then(|t| t.layout),
+            ExportSource::Checkpoint(p) => p
+                .plan
+                .iter()
+                .find(|x| x.name == name)
+                .and_then(|x| p.checkpoint.get(x.origin.src()))
+                .and_then(|t| match t.dtype {
+                    safetensors::Dtype::F32 => Some(Layout::F32),
+                    safetensors::Dtype::F16 => Some(Layout::F16),
+                    safetensors::Dtype::BF16 => Some(Layout::Bf16),
+                    _ => None,
+                }),
+        };
+        layout.ok_or_else(|| self.error(name, "missing, or not a float tensor".into()))
+    }
+
+    /// A ternary weight's trits (row-major, Hugging Face row order) and scale.
+    fn ternary(&self, name: &str, rows: usize, cols: usize) -> Result<(Vec<i8>, f32)> {
+        let mut trits = vec![0i8; rows * cols];
+        let scale = match self {
+            ExportSource::Tern(f) => {
+                let t = f
+                    .tensor(name)
+                    .ok_or_else(|| self.error(name, "missing".into()))?;
+                let layout = t
+                    .layout
+                    .filter(|l| l.is_ternary())
+                    .ok_or_else(|| self.error(name, "not ternary".into()))?;
+                let row_bytes = layout.ternary_row_bytes(cols as u64).expect("ternary") as usize;
+                let rows_in = f.data(t).chunks_exact(row_bytes);
+                for (r, (src, dst)) in rows_in.zip(trits.chunks_exact_mut(cols)).enumerate() {
+                    layout.unpack_ternary_row(src, dst).map_err(|c| {
+                        self.error(name, format!("row {r}, column {c} holds an invalid code"))
+                    })?;
+                }
+                t.scale
+            }
+            ExportSource::Checkpoint(p) => {
+                use crate::family::Origin;
+                use crate::ternary;
+                let ck = &p.checkpoint;
+                let plan = p.plan.iter().find(|x| x.name == name).expect("planned");
+                let src = ck.get(plan.origin.src()).expect("planned tensors exist");
+                let (tq2, scale) = match &plan.origin {
+                    Origin::Packed { scale, .. } => {
+                        let scale_src = ck.get(scale).expect("planned tensors exist");
+                        let scale = ternary::normalized_scale(
+                            &ck.read(scale_src)?,
+                            scale_src.dtype,
+                            p.family.scale_convention(),
+                        )
+                        .map_err(|e| ck.tensor_error(scale_src, e))?;
+                        let tq2 = ternary::packed_to_tq2(&ck.read(src)?, rows, cols).map_err(
+                            |(r, c)| {
+                                ck.tensor_error(
+                                    src,
+                                    format!("invalid code 3 at row {r}, column {c}"),
+                                )
+                            },
+                        )?;
+                        (tq2, scale)
+                    }
+                    Origin::Masters { .. } => {
+                        let t = ternary::ternarize_masters(&ck.read(src)?, src.dtype, rows, cols)
+                            .map_err(|e| ck.tensor_error(src, e))?;
+                        (t.tq2, t.scale)
+                    }
+                    Origin::Float { .. } => return Err(self.error(name, "not ternary".into())),
+                };
+                let row_bytes = tern_format::tq2::row_bytes(cols as u64) as usize;
+                for (src, dst) in tq2
+                    .chunks_exact(row_bytes)
+                    .zip(trits.chunks_exact_mut(cols))
+                {
+                    tern_format::tq2::unpack_row(src, dst).expect("validated codes");
+                }
+                scale
+            }
+        };
+        Ok((trits, scale))
+    }
+
+    /// Calls `f` with a float tensor's values, whole rows of `cols` at a time, a few MiB
+    /// per call.
+    fn float_rows(
+        &self,
+        name: &str,
+        cols: usize,
+        f: &mut dyn FnMut(&[f32]) -> Result<()>,
+    ) -> Result<()> {
+        const CHUNK: usize = 4 << 20;
+        let layout = self.float_layout(name)?;
+        let mut values = Vec::new();
+        match self {
+            ExportSource::Tern(file) => {
+                let t = file.tensor(name).expect("float_layout found it");
+                let row_in = match layout {
+                    Layout::Q8Row => tern_format::q8row::row_stride(cols as u64) as usize,
+                    Layout::F32 => cols * 4,
+                    Layout::F16 | Layout::Bf16 => cols * 2,
+                    other => return Err(self.error(name, format!("layout {other} is not a float"))),
+                };
+                let rows_per_chunk = (CHUNK / row_in.max(1)).max(1);
+                for chunk in file.data(t).chunks(rows_per_chunk * row_in) {
+                    values.clear();
+                    for row in chunk.chunks_exact(row_in) {
+                        let start = values.len();
+                        values.resize(start + cols, 0.0);
+                        let out = &mut values[start..];
+                        match layout {
+                            Layout::Q8Row => tern_format::q8row::dequantize_row(row, out),
+                            _ => decode_floats(row, layout, out),
+                        }
+                    }
+                    f(&values)?;
+                }
+            }
+            ExportSource::Checkpoint(p) => {
+                let ck = &p.checkpoint;
+                let plan = p.plan.iter().find(|x| x.name == name).expect("planned");
+                let src = ck.get(plan.origin.src()).expect("planned tensors exist");
+                let size = src.dtype.size();
+                let row_in = (cols * size) as u64;
+                let chunk_len = (CHUNK as u64 / row_in.max(1)).max(1) * row_in;
+                let mut bytes = Vec::new();
+                let mut offset = 0;
+                while offset < src.len {
+                    let n = chunk_len.min(src.len - offset) as usize;
+                    bytes.resize(n, 0);
+                    ck.read_range(src, offset, &mut bytes)?;
+                    values.resize(n / size, 0.0);
+                    decode_floats(&bytes, layout, &mut values);
+                    f(&values)?;
+                    offset += n as u64;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn decode_floats(bytes: &[u8], layout: Layout, out: &mut [f32]) {
+    match layout {
+        Layout::F32 => out
+            .iter_mut()
+            .zip(bytes.chunks_exact(4))
+            .for_each(|(v, b)| *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        Layout::F16 => out
+            .iter_mut()
+            .zip(bytes.chunks_exact(2))
+            .for_each(|(v, b)| *v = f16::from_le_bytes([b[0], b[1]]).to_f32()),
+        _ => out
+            .iter_mut()
+            .zip(bytes.chunks_exact(2))
+            .for_each(|(v, b)| *v = bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+    }
+}
+
 struct Planned {
     name: String,
     gguf: String,
@@ -114,9 +321,9 @@ struct Planned {
     byte_len: u64,
 }
 
-/// Writes the `.tern` file `file` as the GGUF `output`.
+/// Writes the model `source` as the GGUF `output`.
 pub fn export(
-    file: &TernFile,
+    source: &ExportSource,
     output: &Path,
     options: &ExportOptions,
     progress: &(dyn Fn(u64, u64) + Sync),
@@ -125,38 +332,26 @@ pub fn export(
     if output.exists() && !options.force {
         return Err(ConvertError::OutputExists(output.to_path_buf()));
     }
-    let meta = file.metadata();
-    let c = &meta.config;
+    let c = source.config();
     let mut warnings = Vec::new();
     let arch = arch_name(c, options.ty, &mut warnings);
     let bitnet = arch != "llama";
     if bitnet != (c.attn_sub_norm && c.ffn_sub_norm) {
         return Err(ConvertError::Unsupported(format!(
             "{}: a model {} sub-norms has no GGUF architecture the engines run",
-            file.path().display(),
+            source.path().display(),
             if bitnet { "without" } else { "with" }
         )));
     }
-    let fail = |tensor: &str, problem: String| ConvertError::Tensor {
-        path: file.path().to_path_buf(),
-        tensor: tensor.to_string(),
-        problem,
-    };
 
     // Tensors: names, types, offsets.
     let mut plan = Vec::new();
     let mut offset = 0u64;
     for (name, shape, role) in expected_tensors(c) {
-        let t = file
-            .tensor(&name)
-            .ok_or_else(|| fail(&name, "missing".into()))?;
-        let layout = t
-            .layout
-            .ok_or_else(|| fail(&name, "unknown layout".into()))?;
         let ty = match role {
             TensorRole::Ternary => options.ty.ggml(),
             TensorRole::Norm => GgmlType::F32,
-            TensorRole::Embedding => match layout {
+            TensorRole::Embedding => match source.float_layout(&name)? {
                 Layout::Bf16 if options.exact_embeddings => GgmlType::BF16,
                 Layout::F32 if options.exact_embeddings => GgmlType::F32,
                 _ => GgmlType::F16,
@@ -165,12 +360,12 @@ pub fn export(
         let ne: Vec<u64> = shape.iter().rev().copied().collect();
         let byte_len = ty
             .byte_len(&ne)
-            .map_err(|p| fail(&name, format!("cannot be {ty}: {p}")))?;
+            .map_err(|p| source.error(&name, format!("cannot be {ty}: {p}")))?;
         if role == TensorRole::Ternary
             && options.ty == ExportType::I2s
             && !ne[0].is_multiple_of(128)
         {
-            return Err(fail(
+            return Err(source.error(
                 &name,
                 format!(
                     "{} columns: bitnet.cpp's I2_S kernels need a multiple of 128",
@@ -191,7 +386,7 @@ pub fn export(
     }
 
     // Header: metadata, then tensor infos.
-    let kv = metadata(file, arch, options.ty)?;
+    let kv = metadata(source, arch, options.ty)?;
     let mut header = Vec::new();
     header.extend_from_slice(&MAGIC);
     header.extend_from_slice(&3u32.to_le_bytes());
@@ -230,20 +425,47 @@ pub fn export(
     for p in &plan {
         out.write(&vec![0u8; (p.offset - pos) as usize])
             .map_err(io)?;
-        let t = file.tensor(&p.name).expect("planned");
-        let written = match p.role {
-            TensorRole::Ternary => {
-                let bytes =
-                    ternary_bytes(file, t, c, arch, options).map_err(|e| fail(&p.name, e))?;
-                out.write(&bytes).map_err(io)?;
-                bytes.len() as u64
+        let (rows, cols) = (p.ne.get(1).copied().unwrap_or(1) as usize, p.ne[0] as usize);
+        let mut written = 0u64;
+        if p.role == TensorRole::Ternary {
+            let (mut trits, scale) = source.ternary(&p.name, rows, cols)?;
+            if arch == "llama"
+                && (p.name.ends_with("q_proj.weight") || p.name.ends_with("k_proj.weight"))
+            {
+                // llama.cpp's converter permutes Q/K rows for its interleaved RoPE.
+                let hf = trits.clone();
+                let hd = c.head_dim as usize;
+                for r in 0..rows {
+                    let g = permuted_row(r, hd);
+                    trits[g * cols..(g + 1) * cols].copy_from_slice(&hf[r * cols..(r + 1) * cols]);
+                }
             }
-            _ => write_floats(file, t, p.ty, &mut out).map_err(|e| match e {
-                FloatError::Io(e) => io(e),
-                FloatError::Value(problem) => fail(&p.name, problem),
-            })?,
-        };
-        debug_assert_eq!(written, p.byte_len);
+            let bytes =
+                ternary_bytes(&trits, scale, options).map_err(|e| source.error(&p.name, e))?;
+            out.write(&bytes).map_err(io)?;
+            written = bytes.len() as u64;
+        } else {
+            let mut bytes = Vec::new();
+            source.float_rows(&p.name, cols, &mut |values| {
+                bytes.clear();
+                float_bytes(values, p.ty, &mut bytes).map_err(|(i, v)| {
+                    let e = written / (p.byte_len / p.ne.iter().product::<u64>()) + i as u64;
+                    source.error(
+                        &p.name,
+                        format!("value {v:e} (element {e}) overflows F16 (use --exact-embeddings)"),
+                    )
+                })?;
+                out.write(&bytes).map_err(io)?;
+                written += bytes.len() as u64;
+                Ok(())
+            })?;
+        }
+        if written != p.byte_len {
+            return Err(source.error(
+                &p.name,
+                format!("{written} bytes written, {} expected", p.byte_len),
+            ));
+        }
         pos = p.offset + written;
         progress(pos, total);
     }
@@ -267,20 +489,20 @@ pub fn export(
 }
 
 /// The metadata pairs of the engine that reads `ty`, in its converter's order.
-fn metadata(file: &TernFile, arch: &str, ty: ExportType) -> Result<Vec<(String, Value)>> {
-    let m = file.metadata();
-    let c = &m.config;
-    let vocab = from_tokenizer_json(file.tokenizer_json(), c.vocab_size as usize).map_err(|p| {
-        ConvertError::Source {
-            path: file.path().to_path_buf(),
-            problem: p,
-        }
-    })?;
+fn metadata(source: &ExportSource, arch: &str, ty: ExportType) -> Result<Vec<(String, Value)>> {
+    let c = source.config();
+    let vocab =
+        from_tokenizer_json(source.tokenizer_json(), c.vocab_size as usize).map_err(|p| {
+            ConvertError::Source {
+                path: source.path().to_path_buf(),
+                problem: p,
+            }
+        })?;
     let u32v = |v: u64| Value::U32(v as u32);
     let key = |k: &str| format!("{arch}.{k}");
     let mut kv: Vec<(String, Value)> =
         vec![("general.architecture".into(), Value::Str(arch.into()))];
-    let name = file
+    let name = source
         .path()
         .file_stem()
         .map_or("model".into(), |s| s.to_string_lossy().into_owned());
@@ -350,120 +572,49 @@ fn metadata(file: &TernFile, arch: &str, ty: ExportType) -> Result<Vec<(String, 
     if !bitnet_cpp {
         kv.push(("tokenizer.ggml.add_eos_token".into(), Value::Bool(false)));
     }
-    if let Some(t) = &m.chat_template {
-        kv.push(("tokenizer.chat_template".into(), Value::Str(t.clone())));
+    if let Some(t) = source.chat_template() {
+        kv.push(("tokenizer.chat_template".into(), Value::Str(t.to_string())));
     }
     kv.push(("general.quantization_version".into(), Value::U32(2)));
     Ok(kv)
 }
 
-/// A ternary tensor in the export type, rows in the engine's order (llama.cpp's Q/K
-/// permutation for arch `llama`).
-fn ternary_bytes(
-    file: &TernFile,
-    t: &tern_format::TensorInfo,
-    c: &tern_format::ModelConfig,
-    arch: &str,
-    options: &ExportOptions,
-) -> Result<Vec<u8>, String> {
-    let layout = t.layout.filter(|l| l.is_ternary()).ok_or("not ternary")?;
-    let (rows, cols) = (t.shape[0] as usize, t.shape[1] as usize);
-    let row_bytes = layout.ternary_row_bytes(cols as u64).expect("ternary") as usize;
-    let mut trits = vec![0i8; rows * cols];
-    let permute =
-        arch == "llama" && (t.name.ends_with("q_proj.weight") || t.name.ends_with("k_proj.weight"));
-    for (r, src) in file.data(t).chunks_exact(row_bytes).enumerate() {
-        let g = if permute {
-            permuted_row(r, c.head_dim as usize)
-        } else {
-            r
-        };
-        layout
-            .unpack_ternary_row(src, &mut trits[g * cols..(g + 1) * cols])
-            .map_err(|col| format!("row {r}, column {col} holds an invalid code"))?;
-    }
+/// Trits in the export type: I2_S with the f32 scale, TQ*_0 with its fp16 in every block.
+fn ternary_bytes(trits: &[i8], scale: f32, options: &ExportOptions) -> Result<Vec<u8>, String> {
     Ok(match options.ty {
-        ExportType::I2s => encode_i2s(&trits, t.scale, options.i2s_layout),
+        ExportType::I2s => encode_i2s(trits, scale, options.i2s_layout),
         ty => {
-            let d = f16::from_f32(t.scale);
+            let d = f16::from_f32(scale);
             if !d.is_finite() || d.to_f32() <= 0.0 {
-                return Err(format!("scale {:e} has no fp16 form", t.scale));
+                return Err(format!("scale {scale:e} has no fp16 form"));
             }
             if ty == ExportType::Tq2_0 {
-                encode_tq2(&trits, d)
+                encode_tq2(trits, d)
             } else {
-                encode_tq1(&trits, d)
+                encode_tq1(trits, d)
             }
         }
     })
 }
 
-enum FloatError {
-    Io(std::io::Error),
-    Value(String),
-}
-
-/// Writes a float (or Q8_ROW) tensor as `ty` (F32, F16 or BF16), a few MiB at a time.
-fn write_floats(
-    file: &TernFile,
-    t: &tern_format::TensorInfo,
-    ty: GgmlType,
-    out: &mut TempFile,
-) -> std::result::Result<u64, FloatError> {
-    let layout = t.layout.ok_or(FloatError::Value("unknown layout".into()))?;
-    let data = file.data(t);
-    let cols = *t.shape.last().unwrap_or(&1) as usize;
-    let row_in = match layout {
-        Layout::Q8Row => tern_format::q8row::row_stride(cols as u64) as usize,
-        Layout::F32 => cols * 4,
-        Layout::F16 | Layout::Bf16 => cols * 2,
-        other => return Err(FloatError::Value(format!("layout {other} is not a float"))),
-    };
-    let rows_per_chunk = ((4 << 20) / row_in.max(1)).max(1);
-    let mut values = vec![0f32; cols];
-    let mut written = 0u64;
-    for (ci, chunk) in data.chunks(rows_per_chunk * row_in).enumerate() {
-        let mut bytes = Vec::with_capacity(chunk.len() * 2);
-        for (ri, row) in chunk.chunks_exact(row_in).enumerate() {
-            match layout {
-                Layout::Q8Row => tern_format::q8row::dequantize_row(row, &mut values),
-                Layout::F32 => values
-                    .iter_mut()
-                    .zip(row.chunks_exact(4))
-                    .for_each(|(v, b)| *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-                Layout::F16 => values
-                    .iter_mut()
-                    .zip(row.chunks_exact(2))
-                    .for_each(|(v, b)| *v = f16::from_le_bytes([b[0], b[1]]).to_f32()),
-                _ => values
-                    .iter_mut()
-                    .zip(row.chunks_exact(2))
-                    .for_each(|(v, b)| *v = bf16::from_le_bytes([b[0], b[1]]).to_f32()),
-            }
-            for (c, &v) in values.iter().enumerate() {
-                match ty {
-                    GgmlType::F32 => bytes.extend_from_slice(&v.to_le_bytes()),
-                    GgmlType::BF16 => bytes.extend_from_slice(&bf16::from_f32(v).to_le_bytes()),
-                    _ => {
-                        let h = f16::from_f32(v);
-                        if h.is_infinite() && v.is_finite() {
-                            let r = ci * rows_per_chunk + ri;
-                            return Err(FloatError::Value(format!(
-                                "value {v:e} at row {r}, column {c} overflows F16 (use --exact-embeddings)"
-                            )));
-                        }
-                        bytes.extend_from_slice(&h.to_le_bytes());
-                    }
+/// Appends `values` as `ty` (F32, F16 or BF16); Err: (index, value) of one F16 cannot hold.
+fn float_bytes(values: &[f32], ty: GgmlType, out: &mut Vec<u8>) -> Result<(), (usize, f32)> {
+    for (i, &v) in values.iter().enumerate() {
+        match ty {
+            GgmlType::F32 => out.extend_from_slice(&v.to_le_bytes()),
+            GgmlType::BF16 => out.extend_from_slice(&bf16::from_f32(v).to_le_bytes()),
+            _ => {
+                let h = f16::from_f32(v);
+                if h.is_infinite() && v.is_finite() {
+                    return Err((i, v));
                 }
+                out.extend_from_slice(&h.to_le_bytes());
             }
         }
-        out.write(&bytes).map_err(FloatError::Io)?;
-        written += bytes.len() as u64;
     }
-    Ok(written)
+    Ok(())
 }
 
-/// The output being written; removed unless renamed into place.
 struct TempFile {
     path: PathBuf,
     writer: Option<BufWriter<File>>,

@@ -14,7 +14,7 @@ pub mod tokenizer;
 pub mod types;
 pub mod verify;
 
-pub use export::{export, ExportOptions, ExportType};
+pub use export::{export, ExportOptions, ExportSource, ExportType};
 pub use import::{import, Arch, GgufModel, ImportOptions};
 pub use reader::{GgufFile, Header, TensorInfo, Value};
 pub use types::{GgmlType, I2sLayout};
