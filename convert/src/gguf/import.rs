@@ -514,18 +514,48 @@ pub fn import(
             }
             writer.write_tensor(name, scale, &packed)?;
         } else {
-            let (values, ty) = model.floats(name, shape)?;
-            let data = match spec.layout {
-                // F16/BF16 tensors are copied as stored.
-                Layout::F16 | Layout::Bf16 => model.file.read(t)?,
-                _ => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            };
-            if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            // Whole rows, about 4 MiB at a time: F16/BF16 bytes copied as stored, other
+            // types dequantized to F32.
+            let ne: Vec<u64> = shape.iter().rev().copied().collect();
+            if t.ne != ne {
                 return Err(model
                     .file
-                    .tensor_error(t, format!("element {i} ({ty}) is NaN or infinite")));
+                    .tensor_error(t, format!("ne {:?}, the config requires {ne:?}", t.ne)));
             }
-            writer.write_tensor(name, 1.0, &data)?;
+            let row = t.byte_len / ne[1..].iter().product::<u64>().max(1);
+            let chunk = ((4 << 20) / row.max(1)).max(1) * row;
+            writer.begin_tensor(name, 1.0)?;
+            let mut offset = 0;
+            while offset < t.byte_len {
+                let n = chunk.min(t.byte_len - offset);
+                let bytes = model.file.read_range(t, offset, n)?;
+                let values = types::dequantize(t.ggml_type, &bytes).ok_or_else(|| {
+                    model.file.tensor_error(
+                        t,
+                        format!(
+                            "type {}: tern reads F32, F16, BF16, Q8_0 and Q6_K here",
+                            t.ggml_type
+                        ),
+                    )
+                })?;
+                if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                    let e = offset / row * ne[0] + i as u64;
+                    return Err(model
+                        .file
+                        .tensor_error(t, format!("element {e} is NaN or infinite")));
+                }
+                match spec.layout {
+                    Layout::F16 | Layout::Bf16 => writer.write_chunk(&bytes)?,
+                    _ => writer.write_chunk(
+                        &values
+                            .iter()
+                            .flat_map(|v| v.to_le_bytes())
+                            .collect::<Vec<u8>>(),
+                    )?,
+                }
+                offset += n;
+            }
+            writer.end_tensor()?;
         }
         done += t.byte_len;
         progress(done, total);

@@ -243,6 +243,27 @@ impl GgufFile {
         Ok(buf)
     }
 
+    /// Reads `len` bytes at `offset` within a tensor's data.
+    pub fn read_range(
+        &self,
+        t: &TensorInfo,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, ConvertError> {
+        use std::os::unix::fs::FileExt;
+        if offset.checked_add(len).is_none_or(|end| end > t.byte_len) {
+            return Err(self.tensor_error(
+                t,
+                format!("read of {len} bytes at {offset} is out of bounds"),
+            ));
+        }
+        let mut buf = vec![0u8; len as usize];
+        self.file
+            .read_exact_at(&mut buf, self.header.data_offset + t.offset + offset)
+            .map_err(crate::error::io(&self.path))?;
+        Ok(buf)
+    }
+
     pub fn tensor_error(&self, t: &TensorInfo, problem: impl Into<String>) -> ConvertError {
         ConvertError::Tensor {
             path: self.path.clone(),
