@@ -169,10 +169,11 @@ impl ExportSource<'_> {
         layout.ok_or_else(|| self.error(name, "missing, or not a float tensor".into()))
     }
 
-    /// A ternary weight's trits (row-major, Hugging Face row order) and scale.
-    fn ternary(&self, name: &str, rows: usize, cols: usize) -> Result<(Vec<i8>, f32)> {
-        let mut trits = vec![0i8; rows * cols];
-        let scale = match self {
+    /// A ternary weight as `.tern` TQ2 rows (docs/format.md §6.1; Hugging Face row order)
+    /// and its scale.
+    fn ternary(&self, name: &str, rows: usize, cols: usize) -> Result<(Vec<u8>, f32)> {
+        let row_bytes = tern_format::tq2::row_bytes(cols as u64) as usize;
+        match self {
             ExportSource::Tern(f) => {
                 let t = f
                     .tensor(name)
@@ -181,14 +182,24 @@ impl ExportSource<'_> {
                     .layout
                     .filter(|l| l.is_ternary())
                     .ok_or_else(|| self.error(name, "not ternary".into()))?;
-                let row_bytes = layout.ternary_row_bytes(cols as u64).expect("ternary") as usize;
-                let rows_in = f.data(t).chunks_exact(row_bytes);
-                for (r, (src, dst)) in rows_in.zip(trits.chunks_exact_mut(cols)).enumerate() {
-                    layout.unpack_ternary_row(src, dst).map_err(|c| {
-                        self.error(name, format!("row {r}, column {c} holds an invalid code"))
-                    })?;
+                let in_bytes = layout.ternary_row_bytes(cols as u64).expect("ternary") as usize;
+                let mut tq2 = vec![0u8; rows * row_bytes];
+                let mut trits = vec![0i8; cols];
+                let rows_in = f.data(t).chunks_exact(in_bytes);
+                for (r, (src, dst)) in rows_in.zip(tq2.chunks_exact_mut(row_bytes)).enumerate() {
+                    let bad =
+                        |c| self.error(name, format!("row {r}, column {c} holds an invalid code"));
+                    if layout == Layout::Tq2 {
+                        if let Some(c) = tern_format::tq2::find_invalid(src, cols) {
+                            return Err(bad(c));
+                        }
+                        dst.copy_from_slice(src);
+                    } else {
+                        layout.unpack_ternary_row(src, &mut trits).map_err(bad)?;
+                        tern_format::tq2::pack_row(&trits, dst);
+                    }
                 }
-                t.scale
+                Ok((tq2, t.scale))
             }
             ExportSource::Checkpoint(p) => {
                 use crate::family::Origin;
@@ -196,7 +207,7 @@ impl ExportSource<'_> {
                 let ck = &p.checkpoint;
                 let plan = p.plan.iter().find(|x| x.name == name).expect("planned");
                 let src = ck.get(plan.origin.src()).expect("planned tensors exist");
-                let (tq2, scale) = match &plan.origin {
+                match &plan.origin {
                     Origin::Packed { scale, .. } => {
                         let scale_src = ck.get(scale).expect("planned tensors exist");
                         let scale = ternary::normalized_scale(
@@ -213,26 +224,17 @@ impl ExportSource<'_> {
                                 )
                             },
                         )?;
-                        (tq2, scale)
+                        Ok((tq2, scale))
                     }
                     Origin::Masters { .. } => {
                         let t = ternary::ternarize_masters(&ck.read(src)?, src.dtype, rows, cols)
                             .map_err(|e| ck.tensor_error(src, e))?;
-                        (t.tq2, t.scale)
+                        Ok((t.tq2, t.scale))
                     }
-                    Origin::Float { .. } => return Err(self.error(name, "not ternary".into())),
-                };
-                let row_bytes = tern_format::tq2::row_bytes(cols as u64) as usize;
-                for (src, dst) in tq2
-                    .chunks_exact(row_bytes)
-                    .zip(trits.chunks_exact_mut(cols))
-                {
-                    tern_format::tq2::unpack_row(src, dst).expect("validated codes");
+                    Origin::Float { .. } => Err(self.error(name, "not ternary".into())),
                 }
-                scale
             }
-        };
-        Ok((trits, scale))
+        }
     }
 
     /// Calls `f` with a float tensor's values, whole rows of `cols` at a time, a few MiB
@@ -428,20 +430,20 @@ pub fn export(
         let (rows, cols) = (p.ne.get(1).copied().unwrap_or(1) as usize, p.ne[0] as usize);
         let mut written = 0u64;
         if p.role == TensorRole::Ternary {
-            let (mut trits, scale) = source.ternary(&p.name, rows, cols)?;
+            let (mut tq2, scale) = source.ternary(&p.name, rows, cols)?;
             if arch == "llama"
                 && (p.name.ends_with("q_proj.weight") || p.name.ends_with("k_proj.weight"))
             {
                 // llama.cpp's converter permutes Q/K rows for its interleaved RoPE.
-                let hf = trits.clone();
-                let hd = c.head_dim as usize;
+                let hf = tq2.clone();
+                let (hd, rb) = (c.head_dim as usize, tq2.len() / rows.max(1));
                 for r in 0..rows {
                     let g = permuted_row(r, hd);
-                    trits[g * cols..(g + 1) * cols].copy_from_slice(&hf[r * cols..(r + 1) * cols]);
+                    tq2[g * rb..(g + 1) * rb].copy_from_slice(&hf[r * rb..(r + 1) * rb]);
                 }
             }
             let bytes =
-                ternary_bytes(&trits, scale, options).map_err(|e| source.error(&p.name, e))?;
+                ternary_bytes(&tq2, cols, scale, options).map_err(|e| source.error(&p.name, e))?;
             out.write(&bytes).map_err(io)?;
             written = bytes.len() as u64;
         } else {
@@ -580,20 +582,62 @@ fn metadata(source: &ExportSource, arch: &str, ty: ExportType) -> Result<Vec<(St
 }
 
 /// Trits in the export type: I2_S with the f32 scale, TQ*_0 with its fp16 in every block.
-fn ternary_bytes(trits: &[i8], scale: f32, options: &ExportOptions) -> Result<Vec<u8>, String> {
-    Ok(match options.ty {
-        ExportType::I2s => encode_i2s(trits, scale, options.i2s_layout),
-        ty => {
-            let d = f16::from_f32(scale);
-            if !d.is_finite() || d.to_f32() <= 0.0 {
-                return Err(format!("scale {scale:e} has no fp16 form"));
-            }
-            if ty == ExportType::Tq2_0 {
-                encode_tq2(trits, d)
-            } else {
-                encode_tq1(trits, d)
-            }
+///
+/// `.tern` TQ2 (rows of 128-column blocks; byte j holds columns j + 32i in bits 2i+1..2i)
+/// groups elements exactly as x86 I2_S and TQ2_0 do when rows are whole blocks: x86 I2_S is
+/// TQ2 with the four 2-bit fields of every byte in reverse order, TQ2_0 is TQ2 with an fp16
+/// `d` after every 64 bytes. Other cases go through trits.
+fn ternary_bytes(
+    tq2: &[u8],
+    cols: usize,
+    scale: f32,
+    options: &ExportOptions,
+) -> Result<Vec<u8>, String> {
+    const REVERSED: [u8; 256] = {
+        let mut t = [0u8; 256];
+        let mut b = 0;
+        while b < 256 {
+            let v = b as u8;
+            t[b] = (v >> 6) | ((v >> 2) & 0x0c) | ((v << 2) & 0x30) | (v << 6);
+            b += 1;
         }
+        t
+    };
+    let d = f16::from_f32(scale);
+    if options.ty != ExportType::I2s && (!d.is_finite() || d.to_f32() <= 0.0) {
+        return Err(format!("scale {scale:e} has no fp16 form"));
+    }
+    let whole_blocks = cols.is_multiple_of(tern_format::tq2::BLOCK_COLS);
+    match options.ty {
+        ExportType::I2s if whole_blocks && options.i2s_layout == I2sLayout::X86 => {
+            let mut out: Vec<u8> = tq2.iter().map(|&b| REVERSED[b as usize]).collect();
+            out.extend_from_slice(&scale.to_le_bytes());
+            out.resize(out.len() + 28, 0);
+            return Ok(out);
+        }
+        ExportType::Tq2_0 if whole_blocks => {
+            let mut out = Vec::with_capacity(tq2.len() / 64 * 66);
+            for qs in tq2.chunks_exact(64) {
+                out.extend_from_slice(qs);
+                out.extend_from_slice(&d.to_le_bytes());
+            }
+            return Ok(out);
+        }
+        _ => {}
+    }
+    let row_bytes = tern_format::tq2::row_bytes(cols as u64) as usize;
+    let mut trits = vec![0i8; tq2.len() / row_bytes.max(1) * cols];
+    for (src, dst) in tq2
+        .chunks_exact(row_bytes)
+        .zip(trits.chunks_exact_mut(cols))
+    {
+        tern_format::tq2::unpack_row(src, dst)
+            .map_err(|c| format!("invalid code at column {c}"))?;
+    }
+    Ok(match options.ty {
+        ExportType::I2s => encode_i2s(&trits, scale, options.i2s_layout),
+        ExportType::Tq2_0 => encode_tq2(&trits, d),
+        ExportType::Tq1_0 => encode_tq1(&trits, d),
     })
 }
 

@@ -591,3 +591,46 @@ fn sha256_file(path: &Path) -> Result<String> {
     }
     Ok(format!("{:x}", hasher.finalize()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ternary_valued_floats_import_and_others_are_refused() {
+        let s = 0.015_9f32;
+        let (t, scale) = ternary_from_floats(&[s, 0.0, -s, -0.0, s]).unwrap();
+        assert_eq!((t, scale), (vec![1, 0, -1, 0, 1], s));
+        let err = ternary_from_floats(&[s, 0.0, -s, s / 2.0]).unwrap_err();
+        assert!(err.contains("element 3"), "{err}");
+        assert!(ternary_from_floats(&[f32::NAN, 1.0]).is_err());
+    }
+
+    #[test]
+    fn block_scales_must_agree_except_in_empty_blocks() {
+        let mut trits = vec![1i8; 768];
+        trits[256..512].fill(0);
+        assert_eq!(tensor_scale(&trits, &[0.5, 0.0, 0.5]), Ok(0.5));
+        let err = tensor_scale(&trits, &[0.5, 0.0, 0.25]).unwrap_err();
+        assert!(err.contains("block 2"), "{err}");
+        assert!(tensor_scale(&trits, &[-0.5, 0.0, -0.5]).is_err());
+    }
+
+    #[test]
+    fn llama_permutation_is_llama_cpp_s() {
+        // llama.cpp: w.reshape(heads, 2, d/2, ...).swapaxes(1, 2): GGUF row (h, j, i) holds
+        // Hugging Face row (h, i, j).
+        let (heads, d) = (3, 8);
+        let mut seen = vec![false; heads * d];
+        for h in 0..heads {
+            for i in 0..2 {
+                for j in 0..d / 2 {
+                    let g = permuted_row(h * d + i * d / 2 + j, d);
+                    assert_eq!(g, h * d + j * 2 + i);
+                    seen[g] = true;
+                }
+            }
+        }
+        assert!(seen.iter().all(|&s| s));
+    }
+}
