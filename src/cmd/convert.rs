@@ -93,10 +93,14 @@ fn import_gguf(args: &Args, ternary: tern_convert::TernaryFormat) -> Result<Exit
         Some("silu") => Some(tern_format::Activation::Silu),
         Some(other) => bail!("--activation {other:?}: relu2 or silu"),
     };
+    if args.head != "exact" || args.family.is_some() || args.revision.is_some() {
+        bail!("--head, --family and --revision apply to Hugging Face checkpoints, not GGUF files");
+    }
     let options = ImportOptions {
         ternary,
         i2s_layout,
         activation,
+        strict: args.strict,
         force: args.force,
     };
     let bar = super::byte_bar(args.quiet || args.json, "importing");

@@ -23,6 +23,8 @@ pub struct ImportOptions {
     pub i2s_layout: I2sLayout,
     /// The FFN activation, instead of the one the architecture's engine graph runs.
     pub activation: Option<Activation>,
+    /// Turn warnings (assumed defaults, assumed pre-tokenizer) into errors.
+    pub strict: bool,
     pub force: bool,
 }
 
@@ -444,6 +446,9 @@ pub fn import(
     let tokenizer =
         super::tokenizer::to_tokenizer_json(h, model.config.add_bos_token, &mut warnings)
             .map_err(|p| model.file.error(p))?;
+    if options.strict && !warnings.is_empty() {
+        return Err(ConvertError::Strict(warnings));
+    }
     let expected = expected_tensors(&model.config);
     let known: std::collections::HashSet<String> =
         expected.iter().filter_map(|(n, ..)| gguf_name(n)).collect();
