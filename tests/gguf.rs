@@ -469,3 +469,22 @@ fn malformed_ggufs_give_errors() {
     }
     assert!(!out.exists());
 }
+
+/// Shapes the engines' kernels cannot run are refused with the tensor named, and nothing
+/// is written.
+#[test]
+fn export_refuses_shapes_the_engines_cannot_run() {
+    let dir = tempfile::tempdir().unwrap();
+    // The llama-bitlinear fixture: FFN 700, neither a multiple of 128 nor of 256.
+    let src = fixture("llama-bitlinear");
+    for ty in ["i2_s", "tq2_0", "tq1_0"] {
+        let out = dir.path().join(format!("{ty}.gguf"));
+        let err = tern_fails(&["export", s(&src), "-o", s(&out), "--type", ty], 2);
+        assert!(
+            err.contains("model.layers.0.mlp.down_proj.weight"),
+            "{ty}: {err}"
+        );
+        assert!(!out.exists());
+    }
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
