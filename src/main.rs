@@ -22,6 +22,9 @@ struct Cli {
 enum Command {
     /// Convert a Hugging Face BitNet b1.58 checkpoint (folder or cached repo id) to .tern
     Convert(cmd::convert::Args),
+    /// Write a .tern file (or a Hugging Face checkpoint) as a GGUF for bitnet.cpp (I2_S) or
+    /// llama.cpp (TQ2_0, TQ1_0)
+    Export(cmd::export::Args),
     /// Show what a .tern file holds; --check verifies every checksum
     Inspect(cmd::inspect::Args),
     /// Generate text from a prompt
@@ -44,6 +47,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Convert(args) => cmd::convert::run(args),
+        Command::Export(args) => cmd::export::run(args),
         Command::Inspect(args) => cmd::inspect::run(args),
         Command::Generate(args) => cmd::generate::run(args),
         Command::Chat(args) => cmd::chat::run(args),

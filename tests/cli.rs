@@ -5,6 +5,7 @@ mod common;
 mod compact;
 mod convert;
 mod default_model;
+mod gguf;
 mod hostile;
 mod inference;
 mod inspect;

@@ -8,6 +8,7 @@
 pub mod compare;
 pub mod declared;
 mod error;
+pub mod gguf;
 pub mod hub;
 pub mod source;
 pub mod synth;
@@ -248,7 +249,7 @@ fn refuse_input_as_output(ck: &Checkpoint, output: &Path) -> Result<()> {
     Ok(())
 }
 
-fn file_name(path: &Path) -> String {
+pub(crate) fn file_name(path: &Path) -> String {
     path.file_name()
         .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
 }

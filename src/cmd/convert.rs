@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use tern_convert::{hub, ConvertError, Options, Overrides};
 use tern_format::{Activation, ScaleConvention};
 
@@ -24,10 +24,19 @@ enum Act {
     Silu,
 }
 
+impl Act {
+    fn activation(self) -> Activation {
+        match self {
+            Act::Relu2 => Activation::Relu2,
+            Act::Silu => Activation::Silu,
+        }
+    }
+}
+
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model folder (config.json + safetensors + tokenizer) or a repo id in the local
-    /// Hugging Face cache, e.g. microsoft/bitnet-b1.58-2B-4T
+    /// Model folder (config.json + safetensors + tokenizer), a repo id in the local
+    /// Hugging Face cache (e.g. microsoft/bitnet-b1.58-2B-4T), or a GGUF file
     source: String,
     /// Output .tern file
     #[arg(short, long)]
@@ -39,7 +48,9 @@ pub struct Args {
     /// declares (linear_class autobitlinear multiplies, bitlinear divides)
     #[arg(long, value_enum)]
     weight_scale: Option<WeightScale>,
-    /// Use this MLP activation instead of config.json's hidden_act
+    /// Use this MLP activation instead of what the source declares (config.json's
+    /// hidden_act; for a GGUF, the activation its architecture's engine graph runs:
+    /// llama.cpp's `bitnet` graph runs SiLU)
     #[arg(long, value_enum)]
     activation: Option<Act>,
     /// Allow --weight-scale / --activation to contradict what the checkpoint declares
@@ -64,6 +75,10 @@ pub struct Args {
     /// Print the conversion report as JSON
     #[arg(long)]
     json: bool,
+    /// GGUF input: block layout of its I2_S tensors, x86 or arm (which bitnet.cpp build
+    /// wrote it; `tern verify FILE.gguf --source DIR` tells)
+    #[arg(long, default_value = "x86")]
+    i2s_layout: String,
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
@@ -72,13 +87,14 @@ pub fn run(args: Args) -> Result<ExitCode> {
             WeightScale::Multiply => ScaleConvention::Multiply,
             WeightScale::Divide => ScaleConvention::Divide,
         }),
-        activation: args.activation.map(|a| match a {
-            Act::Relu2 => Activation::Relu2,
-            Act::Silu => Activation::Silu,
-        }),
+        activation: args.activation.map(Act::activation),
         allow_contradiction: args.allow_contradiction,
     };
     let (ternary, head) = super::compact_options(&args.layout, &args.head)?;
+    let gguf_input = std::path::Path::new(&args.source);
+    if gguf_input.is_file() && tern_convert::gguf::is_gguf(gguf_input) {
+        return import_gguf(&args, ternary);
+    }
     let source = hub::resolve(&args.source, args.revision.as_deref())?;
     let options = Options {
         ternary,
@@ -99,6 +115,39 @@ pub fn run(args: Args) -> Result<ExitCode> {
         e => e.into(),
     })?;
     bar.finish_and_clear();
+    print_report(&args, &report)
+}
+
+/// `tern convert MODEL.gguf -o M.tern`.
+fn import_gguf(args: &Args, ternary: tern_convert::TernaryFormat) -> Result<ExitCode> {
+    use tern_convert::gguf::{verify::parse_i2s_layout, ImportOptions};
+    let Some(i2s_layout) = parse_i2s_layout(&args.i2s_layout) else {
+        bail!("--i2s-layout {:?}: x86 or arm", args.i2s_layout);
+    };
+    let activation = args.activation.map(Act::activation);
+    if args.head != "exact" || args.weight_scale.is_some() || args.revision.is_some() {
+        bail!(
+            "--head, --weight-scale and --revision apply to Hugging Face checkpoints, not GGUF files"
+        );
+    }
+    let options = ImportOptions {
+        ternary,
+        i2s_layout,
+        activation,
+        strict: args.strict,
+        force: args.force,
+    };
+    let bar = super::byte_bar(args.quiet || args.json, "importing");
+    let source = std::path::Path::new(&args.source);
+    let report = tern_convert::gguf::import(source, &args.output, &options, &|done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    })?;
+    bar.finish_and_clear();
+    print_report(args, &report)
+}
+
+fn print_report(args: &Args, report: &tern_convert::Report) -> Result<ExitCode> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(ExitCode::SUCCESS);
@@ -110,7 +159,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         let gbs = report.input_bytes as f64 / report.seconds.max(1e-9) / 1e9;
         println!(
             "{} ({}) -> {}: {} tensors, {} in {:.2} s ({gbs:.2} GB/s)",
-            source.display(),
+            report.source.display(),
             report.family,
             report.output.display(),
             report.tensors,

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod chat;
 pub mod convert;
 pub mod eval;
+pub mod export;
 pub mod generate;
 pub mod inspect;
 pub mod run;

@@ -52,6 +52,9 @@ pub struct Args {
     /// Print one JSON document
     #[arg(long)]
     json: bool,
+    /// For a GGUF: its I2_S block layout, x86 or arm
+    #[arg(long, default_value = "x86")]
+    i2s_layout: String,
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
@@ -60,6 +63,14 @@ pub fn run(args: Args) -> Result<ExitCode> {
         max_kl: args.max_kl,
         min_greedy: args.min_greedy,
     };
+    if tern_convert::gguf::is_gguf(&args.model.model) {
+        return super::export::verify_gguf(
+            &args.model.model,
+            args.source.as_deref(),
+            &args.i2s_layout,
+            args.json,
+        );
+    }
     let file = args.model.open()?;
     let mut failures: Vec<String> = Vec::new();
 
