@@ -24,8 +24,10 @@ pub use verify::compare_with_source;
 pub fn is_gguf(path: &std::path::Path) -> bool {
     use std::io::Read;
     let mut magic = [0u8; 4];
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut magic))
-        .is_ok()
+    // Only regular files: opening a FIFO for reading would block until a writer comes.
+    std::fs::metadata(path).is_ok_and(|m| m.is_file())
+        && std::fs::File::open(path)
+            .and_then(|mut f| f.read_exact(&mut magic))
+            .is_ok()
         && magic == reader::MAGIC
 }
