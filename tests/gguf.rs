@@ -400,6 +400,22 @@ fn a_flipped_trit_or_an_inverted_scale_fails_verify() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains("blk.0.attn_k.weight [0]"), "{text}");
+    // A changed norm weight (F32).
+    let t = g.header.tensor("blk.1.ffn_sub_norm.weight").unwrap();
+    let bad_norm = dir.path().join("norm.gguf");
+    patched(
+        &src,
+        &bad_norm,
+        g.header.data_offset + t.offset + 4 * 5,
+        &1.5f32.to_le_bytes(),
+    );
+    let out = tern(&["verify", s(&bad_norm), "--source", s(&checkpoint())]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("1 floats") && text.contains("blk.1.ffn_sub_norm.weight [5]"),
+        "{text}"
+    );
     // Importing it is refused: its blocks disagree.
     let err = tern_fails(
         &["convert", s(&bad), "-o", s(&dir.path().join("x.tern"))],

@@ -84,11 +84,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
     }
     if !args.quiet {
         println!(
-            "{} -> {} ({}, {:?}): {} tensors, {} in {:.2} s",
+            "{} -> {} ({}, {}): {} tensors, {} in {:.2} s",
             args.source,
             report.output.display(),
             report.architecture,
-            report.ty,
+            report.ty.name(),
             report.tensors,
             super::human_bytes(report.output_bytes),
             report.seconds

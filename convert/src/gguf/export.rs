@@ -21,10 +21,13 @@ use crate::error::{ConvertError, Result};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum ExportType {
     /// bitnet.cpp's I2_S (type 36 in its fork).
+    #[serde(rename = "i2_s")]
     I2s,
     /// llama.cpp's TQ2_0 (type 35).
+    #[serde(rename = "tq2_0")]
     Tq2_0,
     /// llama.cpp's TQ1_0 (type 34).
+    #[serde(rename = "tq1_0")]
     Tq1_0,
 }
 
@@ -36,6 +39,10 @@ impl ExportType {
             "tq1_0" | "tq1" => Some(ExportType::Tq1_0),
             _ => None,
         }
+    }
+
+    pub fn name(self) -> &'static str {
+        self.ggml().name()
     }
 
     fn ggml(self) -> GgmlType {

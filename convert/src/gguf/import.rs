@@ -232,28 +232,6 @@ impl GgufModel {
         }
         Ok((out, out_scales))
     }
-
-    /// A float tensor as f32, dequantized exactly as ggml does.
-    pub fn floats(&self, hf: &str, shape: &[u64]) -> Result<(Vec<f32>, GgmlType)> {
-        let t = self.tensor(hf)?;
-        let ne: Vec<u64> = shape.iter().rev().copied().collect();
-        if t.ne != ne {
-            return Err(self
-                .file
-                .tensor_error(t, format!("ne {:?}, the config requires {ne:?}", t.ne)));
-        }
-        let data = self.file.read(t)?;
-        let v = types::dequantize(t.ggml_type, &data).ok_or_else(|| {
-            self.file.tensor_error(
-                t,
-                format!(
-                    "type {}: tern reads F32, F16, BF16, Q8_0 and Q6_K here",
-                    t.ggml_type
-                ),
-            )
-        })?;
-        Ok((v, t.ggml_type))
-    }
 }
 
 /// The per-tensor scale of block-scaled trits: blocks whose trits are all zero say nothing;

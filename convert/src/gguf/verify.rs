@@ -95,23 +95,22 @@ pub fn compare_with_source(gguf: &Path, source: &Path, i2s: I2sLayout) -> Result
         };
         cmp.tensors += 1;
         let src = ck.get(p.origin.src()).expect("planned tensors exist");
-        let data = ck.read(src)?;
+        let data = match p.origin {
+            Origin::Float { .. } => Vec::new(), // compared in chunks below
+            _ => ck.read(src)?,
+        };
         let (rows, cols) = (p.shape[0] as usize, *p.shape.last().unwrap_or(&1) as usize);
         let (expected, scale): (Box<dyn Fn(usize) -> i8>, f32) = match &p.origin {
             Origin::Float { .. } => {
-                let w = to_f32(&data, src.dtype).map_err(|e| ck.tensor_error(src, e))?;
-                match model.floats(&p.name, &p.shape) {
-                    Ok((v, ty)) => compare_floats(&gname, &w, &v, ty, cmp),
-                    Err(e) => {
-                        cmp.float_mismatches += w.len() as u64;
-                        record(
-                            cmp,
-                            &gname,
-                            vec![],
-                            "a readable float tensor",
-                            &e.to_string(),
-                        );
-                    }
+                if let Err(e) = compare_float_tensor(&model, t, ck, src, &p.shape, cmp) {
+                    cmp.float_mismatches += p.shape.iter().product::<u64>();
+                    record(
+                        cmp,
+                        &gname,
+                        vec![],
+                        "a readable float tensor",
+                        &e.to_string(),
+                    );
                 }
                 continue;
             }
@@ -272,46 +271,74 @@ fn record(cmp: &mut WeightComparison, tensor: &str, index: Vec<u64>, expected: &
     }
 }
 
-/// Float values: exact after rounding the source to the GGUF's float type; quantized types
-/// have their error reported instead.
-fn compare_floats(name: &str, want: &[f32], got: &[f32], ty: GgmlType, cmp: &mut WeightComparison) {
-    cmp.float_values_compared += want.len() as u64;
-    let round: Option<fn(f32) -> f32> = match ty {
+/// A float tensor, whole rows about 4 MiB at a time: exact after rounding the source to
+/// the GGUF's float type; quantized types have their error reported instead.
+fn compare_float_tensor(
+    model: &GgufModel,
+    t: &super::reader::TensorInfo,
+    ck: &crate::Checkpoint,
+    src: &crate::source::SourceTensor,
+    shape: &[u64],
+    cmp: &mut WeightComparison,
+) -> Result<()> {
+    let ne: Vec<u64> = shape.iter().rev().copied().collect();
+    if t.ne != ne {
+        return Err(model
+            .file
+            .tensor_error(t, format!("ne {:?}, the source's shape gives {ne:?}", t.ne)));
+    }
+    let round: Option<fn(f32) -> f32> = match t.ggml_type {
         GgmlType::F32 => Some(|x| x),
         GgmlType::F16 => Some(|x| f16::from_f32(x).to_f32()),
         GgmlType::BF16 => Some(|x| bf16::from_f32(x).to_f32()),
         _ => None,
     };
-    let Some(round) = round else {
-        let mut q = QuantizedTensor {
-            tensor: name.to_string(),
-            values: want.len() as u64,
-            ..Default::default()
-        };
-        let mut sq = 0f64;
-        for (w, g) in want.iter().zip(got) {
-            let e = (w - g).abs();
-            q.max_abs_error = q.max_abs_error.max(e);
-            q.max_abs_value = q.max_abs_value.max(w.abs());
-            sq += f64::from(e) * f64::from(e);
+    let rows = ne[1..].iter().product::<u64>().max(1);
+    let (row_gguf, row_src) = (t.byte_len / rows, src.len / rows);
+    let rows_per_chunk = ((4u64 << 20) / row_src.max(1)).max(1);
+    let mut q = QuantizedTensor {
+        tensor: t.name.clone(),
+        ..Default::default()
+    };
+    let mut sq = 0f64;
+    let mut r0 = 0;
+    while r0 < rows {
+        let n = rows_per_chunk.min(rows - r0);
+        let mut bytes = vec![0u8; (n * row_src) as usize];
+        ck.read_range(src, r0 * row_src, &mut bytes)?;
+        let want = to_f32(&bytes, src.dtype).map_err(|e| ck.tensor_error(src, e))?;
+        let got_bytes = model.file.read_range(t, r0 * row_gguf, n * row_gguf)?;
+        let got = super::types::dequantize(t.ggml_type, &got_bytes).ok_or_else(|| {
+            model
+                .file
+                .tensor_error(t, format!("type {} is not one tern reads", t.ggml_type))
+        })?;
+        let base = r0 * ne[0];
+        cmp.float_values_compared += want.len() as u64;
+        for (i, (&w, &g)) in want.iter().zip(&got).enumerate() {
+            match round {
+                Some(round) if round(w).to_bits() != g.to_bits() => {
+                    cmp.float_mismatches += 1;
+                    let (r, g) = (format!("{:e}", round(w)), format!("{g:e}"));
+                    record(cmp, &t.name, vec![base + i as u64], &r, &g);
+                }
+                Some(_) => {}
+                None => {
+                    let e = (w - g).abs();
+                    q.max_abs_error = q.max_abs_error.max(e);
+                    q.max_abs_value = q.max_abs_value.max(w.abs());
+                    sq += f64::from(e) * f64::from(e);
+                    q.values += 1;
+                }
+            }
         }
+        r0 += n;
+    }
+    if round.is_none() {
         q.rms_error = (sq / q.values.max(1) as f64).sqrt();
         cmp.quantized.push(q);
-        return;
-    };
-    for (i, (&w, &g)) in want.iter().zip(got).enumerate() {
-        let r = round(w);
-        if r.to_bits() != g.to_bits() {
-            cmp.float_mismatches += 1;
-            record(
-                cmp,
-                name,
-                vec![i as u64],
-                &format!("{r:e}"),
-                &format!("{g:e}"),
-            );
-        }
     }
+    Ok(())
 }
 
 /// The I2_S layout as an option value.
