@@ -46,12 +46,14 @@ fn every_fixture_conversion_is_faithful() {
         assert_eq!(doc["faithful"], true);
         assert_eq!(doc["source"]["trit_mismatches"], 0);
         let k = &doc["kernel_parity"];
-        assert!(k["top1"].as_f64().unwrap() >= 0.95, "{name}: {k}");
-        // Layer 1's input comes from layer 0 alone: before any flip, fast and reference
-        // agree to float rounding.
-        let l1 = &k["layers"][1];
-        if l1["flips"] == 0 {
-            assert!(l1["max_rel"].as_f64().unwrap() < 1e-4, "{name}: {l1}");
+        // End to end, flips cascade: information, but still close.
+        assert!(k["top1"].as_f64().unwrap() >= 0.85, "{name}: {k}");
+        // Given the same input, a layer without a rounding flip agrees to float rounding,
+        // and so does the head.
+        for l in k["layers"].as_array().unwrap() {
+            if l["flips"] == 0 || l["flips"].is_null() {
+                assert!(l["error"].as_f64().unwrap() < 1e-5, "{name}: {l}");
+            }
         }
     }
     // The human report says it in its first line.
