@@ -275,3 +275,147 @@ fn one_layer_alone_equals_that_layer_in_the_forward() {
     assert!(err.to_string().contains("does not exist"), "{err}");
     assert!(State::new(&model, kernels, &pool, usize::MAX / 2).is_err());
 }
+
+/// A reference file for the h64 fixture (vocab 512? read from the model) with `edit`
+/// applied to its tensors `(name, dtype, shape, bytes)`.
+fn write_reference(
+    dir: &std::path::Path,
+    edit: impl FnOnce(&mut Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>),
+) -> std::path::PathBuf {
+    use safetensors::tensor::TensorView;
+    use safetensors::Dtype;
+    let src = fixture("bitnet-2b4t-h64").join("reference.safetensors");
+    let bytes = std::fs::read(src).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec()))
+        .collect();
+    edit(&mut tensors);
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    let path = dir.join("reference.safetensors");
+    safetensors::serialize_to_file(views, &None, &path).unwrap();
+    path
+}
+
+#[test]
+fn malformed_reference_files_are_refused_naming_the_tensor() {
+    use safetensors::Dtype;
+    let dir = tempfile::tempdir().unwrap();
+    let model = convert("bitnet-2b4t-h64", dir.path());
+    let retype = |name: &'static str, dtype: Dtype, width: usize| {
+        move |t: &mut Vec<(String, Dtype, Vec<usize>, Vec<u8>)>| {
+            let e = t.iter_mut().find(|e| e.0 == name).unwrap();
+            let n = e.3.len() / e.1.size();
+            (e.1, e.3) = (dtype, vec![0; n * width]);
+        }
+    };
+    type Edit = Box<dyn FnOnce(&mut Vec<(String, Dtype, Vec<usize>, Vec<u8>)>)>;
+    let cases: Vec<(Edit, &str)> = vec![
+        (
+            Box::new(retype("prompt.0.logits", Dtype::F16, 2)),
+            "prompt.0.logits is F16, expected F32",
+        ),
+        (
+            Box::new(retype("prompt.0.logits", Dtype::F64, 8)),
+            "prompt.0.logits is F64, expected F32",
+        ),
+        (
+            Box::new(retype("prompt.1.hidden", Dtype::F64, 8)),
+            "prompt.1.hidden is F64, expected F32",
+        ),
+        (
+            Box::new(retype("prompt.0.ids", Dtype::I32, 4)),
+            "prompt.0.ids is I32, expected I64",
+        ),
+        (
+            Box::new(|t: &mut Vec<_>| {
+                let e: &mut (String, Dtype, Vec<usize>, Vec<u8>) = t
+                    .iter_mut()
+                    .find(|e: &&mut (String, _, _, _)| e.0 == "prompt.0.ids")
+                    .unwrap();
+                (e.2, e.3) = (vec![0], Vec::new());
+            }),
+            "prompt.0.ids has shape [0]",
+        ),
+        (
+            Box::new(|t: &mut Vec<_>| {
+                let e: &mut (String, Dtype, Vec<usize>, Vec<u8>) = t
+                    .iter_mut()
+                    .find(|e: &&mut (String, _, _, _)| e.0 == "prompt.0.ids")
+                    .unwrap();
+                e.3[..8].copy_from_slice(&(-3i64).to_le_bytes());
+            }),
+            "prompt.0.ids holds -3",
+        ),
+        (
+            Box::new(|t: &mut Vec<_>| {
+                let e: &mut (String, Dtype, Vec<usize>, Vec<u8>) = t
+                    .iter_mut()
+                    .find(|e: &&mut (String, _, _, _)| e.0 == "prompt.0.logits")
+                    .unwrap();
+                let n = e.3.len();
+                (e.2, e.3) = (vec![1, n / 4], e.3.clone());
+            }),
+            "prompt.0.logits has shape [1,",
+        ),
+        (
+            Box::new(|t: &mut Vec<_>| {
+                t.retain(|e: &(String, Dtype, Vec<usize>, Vec<u8>)| !e.0.starts_with("prompt.0."))
+            }),
+            "no prompt.0.ids",
+        ),
+    ];
+    for (edit, want) in cases {
+        let path = write_reference(dir.path(), edit);
+        let err = tern_fails(
+            &[
+                "verify",
+                model.to_str().unwrap(),
+                "--no-parity",
+                "--reference",
+                path.to_str().unwrap(),
+            ],
+            2,
+        );
+        assert!(err.contains(want), "{want}: {err}");
+    }
+    // Bytes that are not safetensors at all.
+    let path = dir.path().join("junk.safetensors");
+    std::fs::write(&path, b"\xff\xff\xff\xff\xff\xff\xff\x7fjunk").unwrap();
+    let err = tern_fails(
+        &[
+            "verify",
+            model.to_str().unwrap(),
+            "--no-parity",
+            "--reference",
+            path.to_str().unwrap(),
+        ],
+        2,
+    );
+    assert!(err.contains("reference file"), "{err}");
+}
+
+#[test]
+fn nonsense_options_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = convert("bitnet-2b4t-h64", dir.path());
+    let m = model.to_str().unwrap();
+    for (flag, value) in [
+        ("--min-top1", "nan"),
+        ("--max-kl", "nan"),
+        ("--max-layer-error", "-1"),
+        ("--min-greedy", "2"),
+    ] {
+        let err = tern_fails(&["verify", m, &format!("{flag}={value}")], 2);
+        assert!(err.contains("the m"), "{flag} {value}: {err}");
+    }
+    let empty = dir.path().join("prompts.txt");
+    std::fs::write(&empty, "\n  \n").unwrap();
+    let err = tern_fails(&["verify", m, "--prompts", empty.to_str().unwrap()], 2);
+    assert!(err.contains("holds no prompt"), "{err}");
+}

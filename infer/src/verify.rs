@@ -311,17 +311,18 @@ impl ErrorSum {
     }
 }
 
-/// Greedy continuation with the fast path (KV cache), `n` tokens, no stop tokens.
+/// Greedy continuation with the fast path (KV cache), `n` tokens, no stop tokens, and the
+/// logits that chose each (`[n, vocab]`).
 fn greedy_fast(
     model: &Model,
     pool: &Pool,
     kernels: Kernels,
     prompt: &[u32],
     n: usize,
-) -> Result<Vec<u32>, InferError> {
+) -> Result<(Vec<u32>, Vec<f32>), InferError> {
     let vocab = model.config.vocab_size as usize;
     let mut state = State::new(model, kernels, pool, prompt.len() + n)?;
-    let mut out = Vec::with_capacity(n);
+    let (mut tokens, mut logits) = (Vec::with_capacity(n), Vec::with_capacity(n * vocab));
     let mut next = prompt;
     let mut token;
     for _ in 0..n {
@@ -332,11 +333,12 @@ fn greedy_fast(
             Logits::Last,
             &mut reference::NoProbe,
         )?;
+        logits.extend_from_slice(&state.logits[..vocab]);
         token = [argmax(&state.logits[..vocab]) as u32];
-        out.push(token[0]);
+        tokens.push(token[0]);
         next = &token;
     }
-    Ok(out)
+    Ok((tokens, logits))
 }
 
 /// Logits `[tokens, vocab]` of every position of `seq` by the fast path, end to end.
@@ -369,9 +371,11 @@ fn greedy_agreement(logits: &[f32], vocab: usize, prompt_len: usize, greedy: &[u
 /// Progress of a long check: `(done, total)` in steps (layers).
 pub type Progress<'p> = &'p dyn Fn(u64, u64);
 
-/// The fast path against the reference forward on `prompts`, each followed by `greedy`
-/// tokens of the fast path's own greedy continuation. Layer by layer, each fast layer gets
-/// the reference's input; end to end, both run the same sequences (teacher-forced).
+/// The fast path against the reference forward on `prompts`, each followed by the fast
+/// path's own greedy continuation (`greedy` tokens, at least one). Layer by layer, each
+/// fast layer gets the reference's input; the head gets the reference's final hidden state
+/// of each prompt's last token. End to end, the logits that chose the continuation are
+/// compared with the reference's at the same positions (both run the same sequence).
 pub fn kernel_parity(
     model: &Model,
     pool: &Pool,
@@ -386,12 +390,14 @@ pub fn kernel_parity(
         model.config.vocab_size as usize,
         model.layers.len(),
     );
+    let greedy = greedy.max(1);
     let steps = layers as u64 + 2;
-    let mut seqs = Vec::with_capacity(prompts.len());
+    // Each prompt and its continuation but the last token (whose successor is not compared).
+    let (mut seqs, mut fast_logits) = (Vec::new(), Vec::new());
     for prompt in prompts {
-        let mut seq = prompt.clone();
-        seq.extend(greedy_fast(model, pool, kernels, prompt, greedy)?);
-        seqs.push(seq);
+        let (tokens, logits) = greedy_fast(model, pool, kernels, prompt, greedy)?;
+        seqs.push([&prompt[..], &tokens[..greedy - 1]].concat());
+        fast_logits.push((tokens, logits));
     }
     progress(1, steps);
     let max_len = seqs.iter().map(Vec::len).max().unwrap_or(0);
@@ -427,23 +433,20 @@ pub fn kernel_parity(
         x = out;
         progress(l as u64 + 2, steps);
     }
-    // The head given the reference's final hidden states; end to end, both whole.
     let (mut head, mut stats) = (ErrorSum::default(), LogitStats::default());
     let (mut agree, mut total) = (0, 0);
     let mut fast_row = vec![0.0; vocab];
-    for ((x, seq), prompt) in x.iter().zip(&seqs).zip(prompts) {
-        let normed = reference::final_norm(model, x);
+    for ((x, prompt), (tokens, fast)) in x.iter().zip(prompts).zip(&fast_logits) {
+        // The positions whose logits chose the continuation: the prompt's last onwards.
+        let normed = reference::final_norm(model, &x[(prompt.len() - 1) * h..]);
         let ref_logits = reference::head(model, pool, &normed);
-        for (xr, rr) in normed.chunks_exact(h).zip(ref_logits.chunks_exact(vocab)) {
-            model.head_logits(pool, &state, xr, &mut fast_row)?;
-            head.add(&fast_row, rr, None);
-        }
-        let fast = fast_logits(model, pool, kernels, seq)?;
+        model.head_logits(pool, &state, &normed[..h], &mut fast_row)?;
+        head.add(&fast_row, &ref_logits[..vocab], None);
         for (r, f) in ref_logits.chunks_exact(vocab).zip(fast.chunks_exact(vocab)) {
             stats.add(r, f);
         }
-        agree += greedy_agreement(&ref_logits, vocab, prompt.len(), &seq[prompt.len()..]);
-        total += seq.len() - prompt.len();
+        agree += greedy_agreement(&ref_logits, vocab, 1, tokens);
+        total += tokens.len();
     }
     table.push(head.finish(layers));
     progress(steps, steps);
@@ -629,7 +632,7 @@ pub fn reference_parity(
                 greedy_agreement(&fast, vocab, n, g)
             } else {
                 // No greedy logits stored: the fast path's own free-running continuation.
-                let ours = greedy_fast(model, pool, kernels, &p.ids, g.len())?;
+                let (ours, _) = greedy_fast(model, pool, kernels, &p.ids, g.len())?;
                 ours.iter().zip(g).take_while(|(a, b)| a == b).count()
             };
             total += g.len();

@@ -29,8 +29,8 @@ pub struct Args {
     /// Prompts for the parity check against the reference forward, one per line
     #[arg(long)]
     prompts: Option<PathBuf>,
-    /// Greedy tokens to compare after each prompt
-    #[arg(long, default_value_t = 16)]
+    /// Greedy tokens of the fast path after each prompt, compared with the reference forward
+    #[arg(long, default_value_t = 8)]
     greedy: usize,
     /// Skip the fast path against the reference forward
     #[arg(long)]
