@@ -419,3 +419,19 @@ fn nonsense_options_are_refused() {
     let err = tern_fails(&["verify", m, "--prompts", empty.to_str().unwrap()], 2);
     assert!(err.contains("holds no prompt"), "{err}");
 }
+
+#[test]
+fn convert_verify_checks_the_file_it_wrote() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("m.tern");
+    let src = fixture("bitnet-2b4t-h128");
+    tern_ok(&[
+        "convert",
+        src.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--verify",
+        "-q",
+    ]);
+    assert!(out.exists());
+}
