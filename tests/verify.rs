@@ -435,3 +435,56 @@ fn convert_verify_checks_the_file_it_wrote() {
     ]);
     assert!(out.exists());
 }
+
+#[test]
+fn damaged_layers_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    type Edit = fn(&mut tern_format::Metadata, &mut Vec<Rewritten>);
+    let cases: [(&str, Edit, &str); 3] = [
+        (
+            "bitnet-2b4t-h64",
+            |_, t| {
+                // One sub-norm weight replaced by ones.
+                let i = t
+                    .iter()
+                    .position(|x| x.spec.name == "model.layers.1.mlp.ffn_sub_norm.weight")
+                    .unwrap();
+                let one = match t[i].spec.layout {
+                    tern_format::Layout::F32 => 1.0f32.to_le_bytes().to_vec(),
+                    tern_format::Layout::Bf16 => 0x3f80u16.to_le_bytes().to_vec(),
+                    _ => 0x3c00u16.to_le_bytes().to_vec(), // f16 1.0
+                };
+                let n = t[i].data.len() / one.len();
+                t[i].data = one.repeat(n);
+            },
+            // Its weights are near 1: the exact comparison names it.
+            "first in model.layers.1.mlp.ffn_sub_norm.weight",
+        ),
+        (
+            "bitnet-2b4t-h64",
+            |m, _| m.config.activation = tern_format::Activation::Silu, // relu² read as SiLU
+            "layer 0 differs from transformers",
+        ),
+        (
+            "1bitllm",
+            |_, t| {
+                // One layer's q and k projections swapped.
+                let q = ternary_index(t, "model.layers.1.self_attn.q_proj.weight");
+                let k = ternary_index(t, "model.layers.1.self_attn.k_proj.weight");
+                let (qd, kd) = (t[q].data.clone(), t[k].data.clone());
+                (t[q].data, t[k].data) = (kd, qd);
+                (t[q].scale, t[k].scale) = (t[k].scale, t[q].scale);
+            },
+            "layer 1 differs from transformers",
+        ),
+    ];
+    for (name, edit, want) in cases {
+        let dir = tempfile::tempdir_in(dir.path()).unwrap();
+        let path = convert(name, dir.path());
+        rewrite(&path, edit);
+        let (code, doc) = verify(&path, name, &["--no-parity"]);
+        assert_eq!(code, 1, "{name}");
+        let f = failures(&doc);
+        assert!(f.contains(want), "{name}: {f}");
+    }
+}
