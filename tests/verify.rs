@@ -46,12 +46,14 @@ fn every_fixture_conversion_is_faithful() {
         assert_eq!(doc["faithful"], true);
         assert_eq!(doc["source"]["trit_mismatches"], 0);
         let k = &doc["kernel_parity"];
-        assert!(k["top1"].as_f64().unwrap() >= 0.95, "{name}: {k}");
-        // Layer 1's input comes from layer 0 alone: before any flip, fast and reference
-        // agree to float rounding.
-        let l1 = &k["layers"][1];
-        if l1["flips"] == 0 {
-            assert!(l1["max_rel"].as_f64().unwrap() < 1e-4, "{name}: {l1}");
+        // End to end, flips cascade: information, but still close.
+        assert!(k["top1"].as_f64().unwrap() >= 0.85, "{name}: {k}");
+        // Given the same input, a layer without a rounding flip agrees to float rounding,
+        // and so does the head.
+        for l in k["layers"].as_array().unwrap() {
+            if l["flips"] == 0 || l["flips"].is_null() {
+                assert!(l["error"].as_f64().unwrap() < 1e-5, "{name}: {l}");
+            }
         }
     }
     // The human report says it in its first line.
@@ -272,4 +274,217 @@ fn one_layer_alone_equals_that_layer_in_the_forward() {
         .unwrap_err();
     assert!(err.to_string().contains("does not exist"), "{err}");
     assert!(State::new(&model, kernels, &pool, usize::MAX / 2).is_err());
+}
+
+/// A reference file for the h64 fixture (vocab 512? read from the model) with `edit`
+/// applied to its tensors `(name, dtype, shape, bytes)`.
+fn write_reference(
+    dir: &std::path::Path,
+    edit: impl FnOnce(&mut Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>),
+) -> std::path::PathBuf {
+    use safetensors::tensor::TensorView;
+    use safetensors::Dtype;
+    let src = fixture("bitnet-2b4t-h64").join("reference.safetensors");
+    let bytes = std::fs::read(src).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec()))
+        .collect();
+    edit(&mut tensors);
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    let path = dir.join("reference.safetensors");
+    safetensors::serialize_to_file(views, &None, &path).unwrap();
+    path
+}
+
+#[test]
+fn malformed_reference_files_are_refused_naming_the_tensor() {
+    use safetensors::Dtype;
+    let dir = tempfile::tempdir().unwrap();
+    let model = convert("bitnet-2b4t-h64", dir.path());
+    let retype = |name: &'static str, dtype: Dtype, width: usize| {
+        move |t: &mut Vec<(String, Dtype, Vec<usize>, Vec<u8>)>| {
+            let e = t.iter_mut().find(|e| e.0 == name).unwrap();
+            let n = e.3.len() / e.1.size();
+            (e.1, e.3) = (dtype, vec![0; n * width]);
+        }
+    };
+    type Edit = Box<dyn FnOnce(&mut Vec<(String, Dtype, Vec<usize>, Vec<u8>)>)>;
+    let cases: Vec<(Edit, &str)> = vec![
+        (
+            Box::new(retype("prompt.0.logits", Dtype::F16, 2)),
+            "prompt.0.logits is F16, expected F32",
+        ),
+        (
+            Box::new(retype("prompt.0.logits", Dtype::F64, 8)),
+            "prompt.0.logits is F64, expected F32",
+        ),
+        (
+            Box::new(retype("prompt.1.hidden", Dtype::F64, 8)),
+            "prompt.1.hidden is F64, expected F32",
+        ),
+        (
+            Box::new(retype("prompt.0.ids", Dtype::I32, 4)),
+            "prompt.0.ids is I32, expected I64",
+        ),
+        (
+            Box::new(|t: &mut Vec<_>| {
+                let e: &mut (String, Dtype, Vec<usize>, Vec<u8>) = t
+                    .iter_mut()
+                    .find(|e: &&mut (String, _, _, _)| e.0 == "prompt.0.ids")
+                    .unwrap();
+                (e.2, e.3) = (vec![0], Vec::new());
+            }),
+            "prompt.0.ids has shape [0]",
+        ),
+        (
+            Box::new(|t: &mut Vec<_>| {
+                let e: &mut (String, Dtype, Vec<usize>, Vec<u8>) = t
+                    .iter_mut()
+                    .find(|e: &&mut (String, _, _, _)| e.0 == "prompt.0.ids")
+                    .unwrap();
+                e.3[..8].copy_from_slice(&(-3i64).to_le_bytes());
+            }),
+            "prompt.0.ids holds -3",
+        ),
+        (
+            Box::new(|t: &mut Vec<_>| {
+                let e: &mut (String, Dtype, Vec<usize>, Vec<u8>) = t
+                    .iter_mut()
+                    .find(|e: &&mut (String, _, _, _)| e.0 == "prompt.0.logits")
+                    .unwrap();
+                let n = e.3.len();
+                (e.2, e.3) = (vec![1, n / 4], e.3.clone());
+            }),
+            "prompt.0.logits has shape [1,",
+        ),
+        (
+            Box::new(|t: &mut Vec<_>| {
+                t.retain(|e: &(String, Dtype, Vec<usize>, Vec<u8>)| !e.0.starts_with("prompt.0."))
+            }),
+            "no prompt.0.ids",
+        ),
+    ];
+    for (edit, want) in cases {
+        let path = write_reference(dir.path(), edit);
+        let err = tern_fails(
+            &[
+                "verify",
+                model.to_str().unwrap(),
+                "--no-parity",
+                "--reference",
+                path.to_str().unwrap(),
+            ],
+            2,
+        );
+        assert!(err.contains(want), "{want}: {err}");
+    }
+    // Bytes that are not safetensors at all.
+    let path = dir.path().join("junk.safetensors");
+    std::fs::write(&path, b"\xff\xff\xff\xff\xff\xff\xff\x7fjunk").unwrap();
+    let err = tern_fails(
+        &[
+            "verify",
+            model.to_str().unwrap(),
+            "--no-parity",
+            "--reference",
+            path.to_str().unwrap(),
+        ],
+        2,
+    );
+    assert!(err.contains("reference file"), "{err}");
+}
+
+#[test]
+fn nonsense_options_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = convert("bitnet-2b4t-h64", dir.path());
+    let m = model.to_str().unwrap();
+    for (flag, value) in [
+        ("--min-top1", "nan"),
+        ("--max-kl", "nan"),
+        ("--max-layer-error", "-1"),
+        ("--min-greedy", "2"),
+    ] {
+        let err = tern_fails(&["verify", m, &format!("{flag}={value}")], 2);
+        assert!(err.contains("the m"), "{flag} {value}: {err}");
+    }
+    let empty = dir.path().join("prompts.txt");
+    std::fs::write(&empty, "\n  \n").unwrap();
+    let err = tern_fails(&["verify", m, "--prompts", empty.to_str().unwrap()], 2);
+    assert!(err.contains("holds no prompt"), "{err}");
+}
+
+#[test]
+fn convert_verify_checks_the_file_it_wrote() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("m.tern");
+    let src = fixture("bitnet-2b4t-h128");
+    tern_ok(&[
+        "convert",
+        src.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--verify",
+        "-q",
+    ]);
+    assert!(out.exists());
+}
+
+#[test]
+fn damaged_layers_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    type Edit = fn(&mut tern_format::Metadata, &mut Vec<Rewritten>);
+    let cases: [(&str, Edit, &str); 3] = [
+        (
+            "bitnet-2b4t-h64",
+            |_, t| {
+                // One sub-norm weight replaced by ones.
+                let i = t
+                    .iter()
+                    .position(|x| x.spec.name == "model.layers.1.mlp.ffn_sub_norm.weight")
+                    .unwrap();
+                let one = match t[i].spec.layout {
+                    tern_format::Layout::F32 => 1.0f32.to_le_bytes().to_vec(),
+                    tern_format::Layout::Bf16 => 0x3f80u16.to_le_bytes().to_vec(),
+                    _ => 0x3c00u16.to_le_bytes().to_vec(), // f16 1.0
+                };
+                let n = t[i].data.len() / one.len();
+                t[i].data = one.repeat(n);
+            },
+            // Its weights are near 1: the exact comparison names it.
+            "first in model.layers.1.mlp.ffn_sub_norm.weight",
+        ),
+        (
+            "bitnet-2b4t-h64",
+            |m, _| m.config.activation = tern_format::Activation::Silu, // relu² read as SiLU
+            "layer 0 differs from transformers",
+        ),
+        (
+            "1bitllm",
+            |_, t| {
+                // One layer's q and k projections swapped.
+                let q = ternary_index(t, "model.layers.1.self_attn.q_proj.weight");
+                let k = ternary_index(t, "model.layers.1.self_attn.k_proj.weight");
+                let (qd, kd) = (t[q].data.clone(), t[k].data.clone());
+                (t[q].data, t[k].data) = (kd, qd);
+                (t[q].scale, t[k].scale) = (t[k].scale, t[q].scale);
+            },
+            "layer 1 differs from transformers",
+        ),
+    ];
+    for (name, edit, want) in cases {
+        let dir = tempfile::tempdir_in(dir.path()).unwrap();
+        let path = convert(name, dir.path());
+        rewrite(&path, edit);
+        let (code, doc) = verify(&path, name, &["--no-parity"]);
+        assert_eq!(code, 1, "{name}");
+        let f = failures(&doc);
+        assert!(f.contains(want), "{name}: {f}");
+    }
 }

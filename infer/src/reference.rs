@@ -1,14 +1,23 @@
-//! The plain f32 reference forward: the executable specification of the model.
+//! The reference forward: the executable specification of the model, and the truth that
+//! `tern verify` measures the fast path against.
 //!
-//! One token at a time, scalar loops, weights dequantized row by row (`scale × trit`), every
-//! operation in the order transformers runs it in float32 (checkpoints.md §5.2, §9). It
-//! shares no arithmetic with the fast path (kernels, batching, threads), so comparing the
-//! two (`tern verify`) tests the kernels and the model code at once. It is slow by design.
+//! Read it in one sitting: [`forward`] embeds, runs [`layer`] after layer, the final norm
+//! and the head. Every sum is exact or in f64: a BitLinear's `Σ (q/s)·t` over int8 codes `q`
+//! and trits `t` is the integer `Σ q·t` (taken exactly in i32) divided once by `s`; norms,
+//! RoPE, attention and the head accumulate in f64; activation quantization rounds half to
+//! even (checkpoints.md §5.2, §9). Hidden states are rounded to f32 between layers, as
+//! transformers keeps them, so one layer of the fast path can be given exactly the input the
+//! reference gave its own. It shares no arithmetic with the fast path (kernels, batching,
+//! threads). It runs layer by layer over whole sequences, so each weight matrix is unpacked
+//! once per call however many tokens are checked.
+
+use std::sync::Mutex;
 
 use tern_format::{Activation, RopeStyle};
 
 use crate::model::{DenseMatrix, Model, Ternary};
-
+use crate::pool::Pool;
+use crate::InferError;
 /// Where a BitLinear input is quantized to int8 inside a layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -49,50 +58,85 @@ pub trait Probe {
 pub struct NoProbe;
 impl Probe for NoProbe {}
 
-/// Per-token int8 quantization, transformers' `ActQuant` in f32. Returns the codes and `s`.
-pub fn quantize(x: &[f32]) -> (Vec<i8>, f32) {
-    let max = x.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-5);
+/// Per-token int8 quantization, transformers' `ActQuant`: `s = 127 / max|x|` (the maximum
+/// clamped to 1e-5), codes `round_half_even(x · s)` clamped to [-128, 127]. Returns `s`.
+pub fn quantize(x: &[f64], codes: &mut [i8]) -> f64 {
+    let max = x.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-5);
     let s = 127.0 / max;
-    let q = x
-        .iter()
-        .map(|v| (v * s).round_ties_even().clamp(-128.0, 127.0) as i8)
-        .collect();
-    (q, s)
+    for (c, v) in codes.iter_mut().zip(x) {
+        *c = (v * s).round_ties_even().clamp(-128.0, 127.0) as i8;
+    }
+    s
 }
 
-/// `y = (Σ_c (q_c / s) · t_rc) · scale`: AutoBitLinear's order of operations in f32.
-fn bitlinear(w: &Ternary, q: &[i8], s: f32) -> Vec<f32> {
-    let xq: Vec<f32> = q.iter().map(|&v| f32::from(v) / s).collect();
-    let row_bytes = w.row_bytes();
-    let mut trits = vec![0i8; w.cols];
-    (0..w.rows)
-        .map(|r| {
-            w.layout
-                .unpack_ternary_row(&w.data[r * row_bytes..(r + 1) * row_bytes], &mut trits)
-                .expect("trits were validated");
-            let dot: f32 = xq.iter().zip(&trits).map(|(x, &t)| x * f32::from(t)).sum();
-            dot * w.scale + w.bias.as_ref().map_or(0.0, |b| b[r])
-        })
+fn rms_norm(x: &[f64], w: &[f32], eps: f64) -> Vec<f64> {
+    let inv = 1.0 / (x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64 + eps).sqrt();
+    x.iter()
+        .zip(w)
+        .map(|(v, &w)| f64::from(w) * v * inv)
         .collect()
 }
 
-fn dense_row(m: &DenseMatrix, r: usize) -> Vec<f32> {
-    let mut row = vec![0.0; m.cols];
-    m.row_f32(r, &mut row);
-    row
+/// Runs `f(row, out_row)` for every row of `out` (`[rows, width]`) over the pool.
+fn par_rows(pool: &Pool, out: &mut [f64], width: usize, f: impl Fn(usize, &mut [f64]) + Sync) {
+    let parts = 8 * pool.threads();
+    pool.run_chunks(out, width, parts, |_, r, part| {
+        for (i, row) in part.chunks_exact_mut(width).enumerate() {
+            f(r.start / width + i, row);
+        }
+    });
 }
 
-fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
-    let mean = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
-    let inv = 1.0 / (mean + eps).sqrt();
-    x.iter().zip(w).map(|(v, w)| w * (v * inv)).collect()
+/// `y[t, r] = (Σ_c q[t, c] · trit[r, c]) / s[t] · scale + bias[r]` for `n` tokens: the
+/// integer sum is exact, then one division in f64. Returns `[n, rows]`.
+fn bitlinear(pool: &Pool, w: &Ternary, q: &[i8], s: &[f64]) -> Result<Vec<f64>, InferError> {
+    let (n, row_bytes) = (s.len(), w.row_bytes());
+    let mut by_row = vec![0.0f64; w.rows * n];
+    let bad = Mutex::new(None);
+    par_rows(pool, &mut by_row, n, |r, out| {
+        let mut trits = vec![0i8; w.cols];
+        let bytes = &w.data[r * row_bytes..(r + 1) * row_bytes];
+        if let Err(e) = w.layout.unpack_ternary_row(bytes, &mut trits) {
+            *bad.lock().expect("no poisoned lock") = Some(format!("{} row {r}: {e}", w.name));
+            return;
+        }
+        let bias = w.bias.as_ref().map_or(0.0, |b| f64::from(b[r]));
+        for (t, o) in out.iter_mut().enumerate() {
+            let qt = &q[t * w.cols..(t + 1) * w.cols];
+            // i8 × trit fits i16: the i16 products summed in i32 vectorize well.
+            let dot: i32 = qt
+                .iter()
+                .zip(&trits)
+                .map(|(&a, &b)| i32::from(i16::from(a) * i16::from(b)))
+                .sum();
+            *o = f64::from(dot) / s[t] * f64::from(w.scale) + bias;
+        }
+    });
+    if let Some(e) = bad.into_inner().expect("no poisoned lock") {
+        return Err(InferError::Input(e));
+    }
+    Ok((0..n * w.rows)
+        .map(|i| by_row[(i % w.rows) * n + i / w.rows])
+        .collect())
 }
 
-/// RoPE on one head at position `pos`.
-pub fn rope(head: &mut [f32], pos: usize, inv_freq: &[f32], style: RopeStyle) {
+/// Quantizes each `width`-wide row of `x` (`[n, width]`): codes `[n, width]` and scales.
+fn quantize_rows(x: &[f64], width: usize) -> (Vec<i8>, Vec<f64>) {
+    let mut codes = vec![0i8; x.len()];
+    let s = x
+        .chunks_exact(width)
+        .zip(codes.chunks_exact_mut(width))
+        .map(|(x, c)| quantize(x, c))
+        .collect();
+    (codes, s)
+}
+
+/// RoPE on one head at position `pos`: the angle `pos · inv_freq` in f32 as transformers
+/// computes it, its sine and cosine in f64.
+fn rope(head: &mut [f64], pos: usize, inv_freq: &[f32], style: RopeStyle) {
     let half = head.len() / 2;
     for (i, &f) in inv_freq.iter().enumerate() {
-        let (sin, cos) = (pos as f32 * f).sin_cos();
+        let (sin, cos) = f64::from(pos as f32 * f).sin_cos();
         let (a, b) = match style {
             RopeStyle::RotateHalf => (i, i + half),
             RopeStyle::Interleaved => (2 * i, 2 * i + 1),
@@ -103,120 +147,173 @@ pub fn rope(head: &mut [f32], pos: usize, inv_freq: &[f32], style: RopeStyle) {
     }
 }
 
-/// The reference model's KV cache: per layer, one `kv_dim` row per position.
-pub struct ReferenceState {
-    keys: Vec<Vec<f32>>,
-    values: Vec<Vec<f32>>,
-    pub pos: usize,
+/// The int8 activations of one layer at its four quantization sites, `[tokens, width]`
+/// each, the sequences one after another.
+pub type LayerCodes = [Vec<i8>; 4];
+
+/// The embeddings of each sequence, `[tokens, hidden]`.
+pub fn embed(model: &Model, seqs: &[Vec<u32>]) -> Vec<Vec<f32>> {
+    let h = model.config.hidden_size as usize;
+    seqs.iter()
+        .map(|seq| {
+            let mut x = vec![0.0; seq.len() * h];
+            for (row, &tok) in x.chunks_exact_mut(h).zip(seq) {
+                model.embed.row_f32(tok as usize, row);
+            }
+            x
+        })
+        .collect()
 }
 
-impl ReferenceState {
-    pub fn new(model: &Model) -> ReferenceState {
-        let layers = model.layers.len();
-        ReferenceState {
-            keys: vec![Vec::new(); layers],
-            values: vec![Vec::new(); layers],
-            pos: 0,
-        }
-    }
-}
-
-/// Runs one token at position `state.pos` and returns its logits.
-pub fn forward_token(
+/// Layer `l` on the hidden states entering it (per sequence `[tokens, hidden]`, tokens at
+/// positions 0..): the states leaving it, and its int8 activations.
+pub fn layer(
     model: &Model,
-    state: &mut ReferenceState,
-    token: u32,
-    probe: &mut dyn Probe,
-) -> Vec<f32> {
+    pool: &Pool,
+    l: usize,
+    xs: &[Vec<f32>],
+) -> Result<(Vec<Vec<f32>>, LayerCodes), InferError> {
     let c = &model.config;
-    let eps = c.rms_norm_eps as f32;
-    let d = c.head_dim as usize;
+    let w = &model.layers[l];
+    let (h, d, eps) = (c.hidden_size as usize, c.head_dim as usize, c.rms_norm_eps);
     let (heads, kv_heads) = (
         c.num_attention_heads as usize,
         c.num_key_value_heads as usize,
     );
-    let pos = state.pos;
+    let (attn, kv, inter) = (heads * d, kv_heads * d, c.intermediate_size as usize);
+    let x: Vec<f64> = xs.iter().flatten().map(|&v| f64::from(v)).collect();
+    let n = x.len() / h;
+    let norm_rows = |x: &[f64], width: usize, w: &[f32]| -> Vec<f64> {
+        x.chunks_exact(width)
+            .flat_map(|r| rms_norm(r, w, eps))
+            .collect()
+    };
 
-    let mut x = dense_row(&model.embed, token as usize);
-    for (l, layer) in model.layers.iter().enumerate() {
-        probe.hidden(l, &x);
-        // Attention: q, k, v from one quantization of the normed input.
-        let (qa, s) = quantize(&rms_norm(&x, &layer.input_norm, eps));
-        probe.activations(l, Site::Attention, &qa, qa.len());
-        let mut q = bitlinear(&layer.q, &qa, s);
-        let mut k = bitlinear(&layer.k, &qa, s);
-        let v = bitlinear(&layer.v, &qa, s);
-        for head in q.chunks_exact_mut(d).chain(k.chunks_exact_mut(d)) {
-            rope(head, pos, &model.inv_freq, c.rope_style);
+    // Attention: q, k, v from one quantization of the normed input.
+    let (qa, s) = quantize_rows(&norm_rows(&x, h, &w.input_norm), h);
+    let mut q = bitlinear(pool, &w.q, &qa, &s)?;
+    let mut k = bitlinear(pool, &w.k, &qa, &s)?;
+    let v = bitlinear(pool, &w.v, &qa, &s)?;
+    let mut att = vec![0.0f64; n * attn];
+    let mut first = 0; // the sequence's first row
+    for seq in xs {
+        let len = seq.len() / h;
+        for p in 0..len {
+            let t = first + p;
+            for head in q[t * attn..(t + 1) * attn].chunks_exact_mut(d) {
+                rope(head, p, &model.inv_freq, c.rope_style);
+            }
+            for head in k[t * kv..(t + 1) * kv].chunks_exact_mut(d) {
+                rope(head, p, &model.inv_freq, c.rope_style);
+            }
         }
-        state.keys[l].extend_from_slice(&k);
-        state.values[l].extend_from_slice(&v);
-        let mut att = vec![0.0f32; heads * d];
-        for h in 0..heads {
-            let g = h / (heads / kv_heads);
-            let qh = &q[h * d..(h + 1) * d];
-            let scores: Vec<f32> = (0..=pos)
-                .map(|p| {
-                    let kp = &state.keys[l][p * kv_heads * d + g * d..][..d];
-                    qh.iter().zip(kp).map(|(a, b)| a * b).sum::<f32>() * (d as f32).powf(-0.5)
-                })
-                .collect();
-            let max = scores.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-            let exps: Vec<f32> = scores.iter().map(|v| (v - max).exp()).collect();
-            let sum: f32 = exps.iter().sum();
-            for (p, e) in exps.iter().enumerate() {
-                let vp = &state.values[l][p * kv_heads * d + g * d..][..d];
-                for (o, vv) in att[h * d..(h + 1) * d].iter_mut().zip(vp) {
-                    *o += e / sum * vv;
+        // Causal softmax attention of each position over positions 0..=p of its sequence.
+        for p in 0..len {
+            let t = first + p;
+            for hd in 0..heads {
+                let g = hd / (heads / kv_heads);
+                let qh = &q[t * attn + hd * d..][..d];
+                let key = |j: usize| &k[(first + j) * kv + g * d..][..d];
+                let scores: Vec<f64> = (0..=p)
+                    .map(|j| {
+                        qh.iter().zip(key(j)).map(|(a, b)| a * b).sum::<f64>() / (d as f64).sqrt()
+                    })
+                    .collect();
+                let max = scores.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v));
+                let exps: Vec<f64> = scores.iter().map(|v| (v - max).exp()).collect();
+                let sum: f64 = exps.iter().sum();
+                let out = &mut att[t * attn + hd * d..][..d];
+                for (j, e) in exps.iter().enumerate() {
+                    let value = &v[(first + j) * kv + g * d..][..d];
+                    for (o, vv) in out.iter_mut().zip(value) {
+                        *o += e / sum * vv;
+                    }
                 }
             }
         }
-        let att = match &layer.attn_sub_norm {
-            Some(w) => rms_norm(&att, w, eps),
-            None => att,
-        };
-        let (qo, s) = quantize(&att);
-        probe.activations(l, Site::AttentionOutput, &qo, qo.len());
-        for (xv, o) in x.iter_mut().zip(bitlinear(&layer.o, &qo, s)) {
-            *xv += o;
-        }
-
-        // MLP: act(gate) * up, then down.
-        let (qm, s) = quantize(&rms_norm(&x, &layer.post_attn_norm, eps));
-        probe.activations(l, Site::Mlp, &qm, qm.len());
-        let gate = bitlinear(&layer.gate, &qm, s);
-        let up = bitlinear(&layer.up, &qm, s);
-        let hidden: Vec<f32> = gate
-            .iter()
-            .zip(&up)
-            .map(|(&g, &u)| {
-                let a = match c.activation {
-                    Activation::Relu2 => g.max(0.0) * g.max(0.0),
-                    Activation::Silu => g / (1.0 + (-g).exp()),
-                };
-                a * u
-            })
-            .collect();
-        let hidden = match &layer.ffn_sub_norm {
-            Some(w) => rms_norm(&hidden, w, eps),
-            None => hidden,
-        };
-        let (qd, s) = quantize(&hidden);
-        probe.activations(l, Site::MlpOutput, &qd, qd.len());
-        for (xv, o) in x.iter_mut().zip(bitlinear(&layer.down, &qd, s)) {
-            *xv += o;
-        }
+        first += len;
     }
-    let x = rms_norm(&x, &model.final_norm, eps);
-    probe.hidden(model.layers.len(), &x);
-    state.pos += 1;
-    (0..model.head.rows)
-        .map(|r| {
-            dense_row(&model.head, r)
-                .iter()
-                .zip(&x)
-                .map(|(w, v)| w * v)
-                .sum()
+    let att = match &w.attn_sub_norm {
+        Some(sub) => norm_rows(&att, attn, sub),
+        None => att,
+    };
+    let (qo, s_o) = quantize_rows(&att, attn);
+    let o = bitlinear(pool, &w.o, &qo, &s_o)?;
+    let x: Vec<f64> = x.iter().zip(&o).map(|(x, o)| x + o).collect();
+
+    // MLP: act(gate) · up, sub-norm, then down.
+    let (qm, s_m) = quantize_rows(&norm_rows(&x, h, &w.post_attn_norm), h);
+    let gate = bitlinear(pool, &w.gate, &qm, &s_m)?;
+    let up = bitlinear(pool, &w.up, &qm, &s_m)?;
+    let hidden: Vec<f64> = gate
+        .iter()
+        .zip(&up)
+        .map(|(&g, &u)| {
+            let a = match c.activation {
+                Activation::Relu2 => g.max(0.0) * g.max(0.0),
+                Activation::Silu => g / (1.0 + (-g).exp()),
+            };
+            a * u
         })
+        .collect();
+    let hidden = match &w.ffn_sub_norm {
+        Some(sub) => norm_rows(&hidden, inter, sub),
+        None => hidden,
+    };
+    let (qd, s_d) = quantize_rows(&hidden, inter);
+    let down = bitlinear(pool, &w.down, &qd, &s_d)?;
+    let out: Vec<f32> = x.iter().zip(&down).map(|(x, o)| (x + o) as f32).collect();
+
+    let mut split = Vec::with_capacity(xs.len());
+    let mut rest = &out[..];
+    for seq in xs {
+        let (a, b) = rest.split_at(seq.len());
+        split.push(a.to_vec());
+        rest = b;
+    }
+    Ok((split, [qa, qo, qm, qd]))
+}
+
+/// The final RMSNorm of each `[hidden]` row, in f64, rounded to f32.
+pub fn final_norm(model: &Model, x: &[f32]) -> Vec<f32> {
+    let h = model.config.hidden_size as usize;
+    x.chunks_exact(h)
+        .flat_map(|r| {
+            let r: Vec<f64> = r.iter().map(|&v| f64::from(v)).collect();
+            rms_norm(&r, &model.final_norm, model.config.rms_norm_eps)
+        })
+        .map(|v| v as f32)
         .collect()
+}
+
+/// The logits `[tokens, vocab]` of normed hidden rows `x` (`[tokens, hidden]`), in f64.
+pub fn head(model: &Model, pool: &Pool, x: &[f32]) -> Vec<f32> {
+    let m: &DenseMatrix = &model.head;
+    let n = x.len() / m.cols;
+    let mut by_row = vec![0.0f64; m.rows * n];
+    par_rows(pool, &mut by_row, n, |r, out| {
+        let mut w = vec![0.0f32; m.cols];
+        m.row_f32(r, &mut w);
+        for (o, xt) in out.iter_mut().zip(x.chunks_exact(m.cols)) {
+            *o = w
+                .iter()
+                .zip(xt)
+                .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                .sum();
+        }
+    });
+    (0..n * m.rows)
+        .map(|i| by_row[(i % m.rows) * n + i / m.rows] as f32)
+        .collect()
+}
+
+/// The whole network on each sequence (tokens at positions 0..): logits `[tokens, vocab]`.
+pub fn forward(model: &Model, pool: &Pool, seqs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, InferError> {
+    let mut x = embed(model, seqs);
+    for l in 0..model.layers.len() {
+        x = layer(model, pool, l, &x)?.0;
+    }
+    Ok(x.iter()
+        .map(|x| head(model, pool, &final_norm(model, x)))
+        .collect())
 }

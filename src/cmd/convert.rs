@@ -79,6 +79,10 @@ pub struct Args {
     /// wrote it; `tern verify FILE.gguf --source DIR` tells)
     #[arg(long, default_value = "x86")]
     i2s_layout: String,
+    /// Then verify the file: exact weights against the source and the fast path against
+    /// the reference forward, layer by layer (`tern verify --source`); exit 1 if it fails
+    #[arg(long)]
+    verify: bool,
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
@@ -115,6 +119,20 @@ pub fn run(args: Args) -> Result<ExitCode> {
         e => e.into(),
     })?;
     bar.finish_and_clear();
+    if args.verify {
+        let failures = verify_output(&args, &source)?;
+        if !failures.is_empty() {
+            eprintln!(
+                "error: {} is NOT FAITHFUL to {}:",
+                args.output.display(),
+                source.display()
+            );
+            for f in &failures {
+                eprintln!("  {f}");
+            }
+            return Ok(ExitCode::from(1));
+        }
+    }
     print_report(&args, &report)
 }
 
@@ -168,4 +186,27 @@ fn print_report(args: &Args, report: &tern_convert::Report) -> Result<ExitCode> 
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `tern verify --source` on the file just written; its failures.
+fn verify_output(args: &Args, source: &std::path::Path) -> Result<Vec<String>> {
+    let file = tern_format::TernFile::open(&args.output)?;
+    let options = tern_verify::Options {
+        source: Some(source.to_path_buf()),
+        reference: None,
+        parity: true,
+        prompts: None,
+        greedy: 4,
+        thresholds: Default::default(),
+        threads: tern_infer::pool::physical_cores(),
+        kernels: tern_infer::kernels::Kernels::select(None)?,
+    };
+    let bar = super::count_bar(args.quiet || args.json, "verifying", 1);
+    let report = tern_verify::verify(&file, &options, &|stage, done, total| {
+        bar.set_message(stage.to_string());
+        bar.set_length(total);
+        bar.set_position(done);
+    })?;
+    bar.finish_and_clear();
+    Ok(report.failures)
 }
