@@ -7,4 +7,5 @@ mod convert;
 mod default_model;
 mod inference;
 mod inspect;
+mod serve;
 mod verify;

@@ -8,6 +8,7 @@ pub mod eval;
 pub mod generate;
 pub mod inspect;
 pub mod run;
+pub mod serve;
 pub mod synth;
 pub mod verify;
 
