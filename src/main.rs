@@ -40,6 +40,8 @@ enum Command {
     Synth(cmd::synth::Args),
     /// Hold a conversation using the model's chat template (interactive, or lines on stdin)
     Chat(cmd::chat::Args),
+    /// Serve the model over HTTP with OpenAI's API (chat, completions, streaming)
+    Serve(cmd::serve::Args),
 }
 
 /// Exit codes: 0 success, 1 a check failed (damaged file, verification mismatch), 2 error.
@@ -55,6 +57,7 @@ fn main() -> ExitCode {
         Command::Synth(args) => cmd::synth::run(args),
         Command::Bench(args) => cmd::bench::run(args),
         Command::Eval(args) => cmd::eval::run(args),
+        Command::Serve(args) => cmd::serve::run(args),
     };
     match result {
         Ok(code) => code,

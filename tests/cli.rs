@@ -9,4 +9,5 @@ mod gguf;
 mod hostile;
 mod inference;
 mod inspect;
+mod serve;
 mod verify;

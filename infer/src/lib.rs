@@ -6,6 +6,7 @@
 //! - [`generate`]: prefill, decode loop, stop conditions, timings.
 //! - [`tokenizer`], [`sampling`], [`chat`]: text in and out.
 
+pub mod batch;
 pub mod bench;
 pub mod chat;
 pub mod eval;

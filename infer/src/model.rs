@@ -107,7 +107,13 @@ impl DenseMatrix<'_> {
     }
 
     /// `out[r] = row r · x` for the rows `rows`.
-    fn gemv(&self, k: &Kernels, rows: std::ops::Range<usize>, x: &[f32], out: &mut [f32]) {
+    pub(crate) fn gemv(
+        &self,
+        k: &Kernels,
+        rows: std::ops::Range<usize>,
+        x: &[f32],
+        out: &mut [f32],
+    ) {
         let range = rows.start * self.cols..rows.end * self.cols;
         match &self.data {
             Dense::F32(w) => k.f32_gemv(&w[range], self.cols, x, out),
@@ -309,7 +315,7 @@ pub enum Logits {
 pub const PREFILL_CHUNK: usize = 64;
 
 /// Keys and values of every layer, each `[layers, ctx, kv_dim]`.
-struct KvCache {
+pub(crate) struct KvCache {
     keys: Vec<f32>,
     values: Vec<f32>,
     ctx: usize,
@@ -318,12 +324,12 @@ struct KvCache {
 
 impl KvCache {
     /// Layer `l`'s keys and values, `[ctx, kv_dim]` each.
-    fn layer(&self, l: usize) -> (&[f32], &[f32]) {
+    pub(crate) fn layer(&self, l: usize) -> (&[f32], &[f32]) {
         let r = l * self.ctx * self.kv..(l + 1) * self.ctx * self.kv;
         (&self.keys[r.clone()], &self.values[r])
     }
 
-    fn store(&mut self, l: usize, pos: usize, k: &[f32], v: &[f32]) {
+    pub(crate) fn store(&mut self, l: usize, pos: usize, k: &[f32], v: &[f32]) {
         let at = (l * self.ctx + pos) * self.kv;
         self.keys[at..at + self.kv].copy_from_slice(k);
         self.values[at..at + self.kv].copy_from_slice(v);
@@ -332,35 +338,35 @@ impl KvCache {
 
 /// The int8 activations of the last quantization, and the products of the matrix calls
 /// that read them.
-struct Quantized {
-    kernels: Kernels,
-    codes: Vec<i8>,
+pub(crate) struct Quantized {
+    pub(crate) kernels: Kernels,
+    pub(crate) codes: Vec<i8>,
     /// Row stride of `codes` as last quantized: the `act_stride` of the consuming matrices.
-    stride: usize,
-    rows: Vec<QuantRow>,
-    sums: Vec<i32>,
+    pub(crate) stride: usize,
+    pub(crate) rows: Vec<QuantRow>,
+    pub(crate) sums: Vec<i32>,
     /// Products of the last matrix call, `[rows, n]` in pieces (see `bitlinear`).
-    acc: Vec<i32>,
+    pub(crate) acc: Vec<i32>,
 }
 
 /// Working memory of one batch of at most [`PREFILL_CHUNK`] tokens, apart from the cache.
-struct Scratch {
-    kernels: Kernels,
+pub(crate) struct Scratch {
+    pub(crate) kernels: Kernels,
     /// The residual stream, `[batch, hidden]`.
-    x: Vec<f32>,
+    pub(crate) x: Vec<f32>,
     /// Normed input of a block, then the output of its last matrix.
-    xn: Vec<f32>,
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    att_out: Vec<f32>,
-    gate: Vec<f32>,
-    up: Vec<f32>,
+    pub(crate) xn: Vec<f32>,
+    pub(crate) q: Vec<f32>,
+    pub(crate) k: Vec<f32>,
+    pub(crate) v: Vec<f32>,
+    pub(crate) att_out: Vec<f32>,
+    pub(crate) gate: Vec<f32>,
+    pub(crate) up: Vec<f32>,
     /// Rotary `(sin, cos)` of the batch's positions, `[batch, head_dim / 2]`.
-    angles: Vec<(f32, f32)>,
+    pub(crate) angles: Vec<(f32, f32)>,
     /// One row of attention scores per query head of a KV group, per worker of the pool.
-    scores: Vec<Mutex<Vec<f32>>>,
-    quant: Quantized,
+    pub(crate) scores: Vec<Mutex<Vec<f32>>>,
+    pub(crate) quant: Quantized,
 }
 
 /// The KV cache and every scratch buffer, allocated once for a context length and a pool:
@@ -370,8 +376,8 @@ pub struct State {
     pub pos: usize,
     /// Workers of the pool the per-worker buffers were sized for.
     threads: usize,
-    cache: KvCache,
-    scratch: Scratch,
+    pub(crate) cache: KvCache,
+    pub(crate) scratch: Scratch,
     /// Logits, `[ctx, vocab]`: with [`Logits::Last`] only the first row is written.
     pub logits: Vec<f32>,
 }
@@ -467,7 +473,7 @@ impl State {
 
     /// Refuses a pool other than the one the per-worker buffers were sized for, and a run
     /// of `n` tokens past the context.
-    fn check(&self, pool: &Pool, n: usize) -> Result<(), InferError> {
+    pub(crate) fn check(&self, pool: &Pool, n: usize) -> Result<(), InferError> {
         if pool.threads() != self.threads {
             return Err(InferError::Input(format!(
                 "this state was made for a pool of {} threads, not {}",
@@ -497,7 +503,7 @@ pub fn rms_norm(x: &mut [f32], weight: &[f32], eps: f32) {
 /// Rotates one head in place by the angles of its position (`(sin, cos)` per frequency).
 /// rotate_half (Hugging Face): element j pairs with j + d/2; interleaved (Meta): 2j with
 /// 2j + 1.
-fn rope(head: &mut [f32], angles: &[(f32, f32)], style: RopeStyle) {
+pub(crate) fn rope(head: &mut [f32], angles: &[(f32, f32)], style: RopeStyle) {
     let half = head.len() / 2;
     for (i, &(sin, cos)) in angles.iter().enumerate() {
         let (ia, ib) = match style {
@@ -512,7 +518,7 @@ fn rope(head: &mut [f32], angles: &[(f32, f32)], style: RopeStyle) {
 
 /// Runs `f(worker, rows, out)` on every worker, each given a disjoint range of rows (a
 /// multiple of `align`) and that range's slice of `out` (`row_len` values per row).
-fn par_rows<T: Send>(
+pub(crate) fn par_rows<T: Send>(
     pool: &Pool,
     out: &mut [T],
     rows: usize,
@@ -543,7 +549,15 @@ fn par_rows<T: Send>(
 }
 
 /// `out[t] = rms_norm(x[t])` for `n` rows of `width`, the rows split among the workers.
-fn norm_rows(pool: &Pool, out: &mut [f32], x: &[f32], n: usize, width: usize, w: &[f32], eps: f32) {
+pub(crate) fn norm_rows(
+    pool: &Pool,
+    out: &mut [f32],
+    x: &[f32],
+    n: usize,
+    width: usize,
+    w: &[f32],
+    eps: f32,
+) {
     par_rows(pool, out, n, width, 1, |_, ts, out| {
         for (t, row) in ts.zip(out.chunks_exact_mut(width)) {
             row.copy_from_slice(&x[t * width..(t + 1) * width]);
@@ -553,7 +567,7 @@ fn norm_rows(pool: &Pool, out: &mut [f32], x: &[f32], n: usize, width: usize, w:
 }
 
 /// `x += y` over the first `len` values: the residual connection.
-fn add_residual(x: &mut [f32], y: &[f32], len: usize) {
+pub(crate) fn add_residual(x: &mut [f32], y: &[f32], len: usize) {
     for (xv, o) in x[..len].iter_mut().zip(&y[..len]) {
         *xv += o;
     }
@@ -562,7 +576,7 @@ fn add_residual(x: &mut [f32], y: &[f32], len: usize) {
 impl Quantized {
     /// Quantizes `n` rows of `width` activations from `src`, rows padded with zeros to
     /// `padded` (the consumer's [`Ternary::act_stride`]).
-    fn quantize(&mut self, src: &[f32], n: usize, width: usize, padded: usize) {
+    pub(crate) fn quantize(&mut self, src: &[f32], n: usize, width: usize, padded: usize) {
         self.stride = padded;
         for t in 0..n {
             let row = self.kernels.quantize_row(
@@ -581,7 +595,7 @@ impl Quantized {
     /// `out[t, r] = scale · (Σ trit · q) / s_t` for the `n` rows of `src` (`width` wide)
     /// quantized last. If the last quantization was padded for another layout (a file that
     /// mixes TQ2 and TQ1 in one group), `src` is quantized again: same values, new padding.
-    fn bitlinear(
+    pub(crate) fn bitlinear(
         &mut self,
         pool: &Pool,
         w: &Ternary,
@@ -784,7 +798,7 @@ impl Model<'_> {
 
     /// `x += down(sub_norm(act(gate) · up))` with gate and up from one quantization of the
     /// normed input.
-    fn mlp_block(
+    pub(crate) fn mlp_block(
         &self,
         pool: &Pool,
         l: usize,

@@ -9,6 +9,7 @@ pub mod export;
 pub mod generate;
 pub mod inspect;
 pub mod run;
+pub mod serve;
 pub mod synth;
 pub mod verify;
 
