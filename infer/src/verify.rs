@@ -151,7 +151,7 @@ impl Parity {
                 l if l == head => "the head".to_string(),
                 l => format!("layer {l}"),
             };
-            if e.error.is_nan() || e.error > t.max_layer_error {
+            if e.error > t.max_layer_error || e.error.is_nan() {
                 f.push(format!(
                     "{what} differs from {} given the same input: error {:.2e} of what it adds (> {:.2e})",
                     self.against, e.error, t.max_layer_error
@@ -176,7 +176,7 @@ impl Parity {
                 100.0 * min_top1
             ));
         }
-        if self.mean_kl.is_nan() || self.mean_kl > max_kl {
+        if self.mean_kl > max_kl || self.mean_kl.is_nan() {
             f.push(format!(
                 "mean KL against {} is {:.2e} nats (> {:.2e})",
                 self.against, self.mean_kl, max_kl
