@@ -207,11 +207,20 @@ fn convert_refuses_broken_tokenizers() {
         x ^= x << 17;
         *b = x as u8;
     }
-    let broken: [(&str, Vec<u8>); 4] = [
+    let broken: [(&str, Vec<u8>); 5] = [
         ("truncated", good[..good.len() / 2].to_vec()),
         ("not a tokenizer", br#"{"hello":1}"#.to_vec()),
         ("random bytes", noise),
         ("empty", Vec::new()),
+        // Found by fuzz/convert_config: tokenizers 0.22 panics on its decoder.
+        (
+            "a decoder tokenizers panics on",
+            std::fs::read(
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("fixtures/hostile/tokenizer-decoder-panic.json"),
+            )
+            .unwrap(),
+        ),
     ];
     let out = dir.path().join("out.tern");
     for (what, bytes) in broken {

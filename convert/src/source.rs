@@ -112,11 +112,17 @@ fn read_optional_json(path: &Path) -> Result<Option<Value>> {
 /// fails the conversion rather than the first `generate`.
 fn read_tokenizer(path: &Path) -> Result<Vec<u8>> {
     let bytes = read_capped(path, MAX_TOKENIZER_BYTES)?;
-    tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| ConvertError::Source {
+    let bad = |problem: String| ConvertError::Source {
         path: path.to_path_buf(),
-        problem: format!("not a tokenizer the tokenizers library can load: {e}"),
-    })?;
-    Ok(bytes)
+        problem: format!("not a tokenizer the tokenizers library can load: {problem}"),
+    };
+    // tokenizers 0.22 panics on some malformed decoders (`expect("Helper")`, found by
+    // fuzz/convert_config): a panic is a refusal too.
+    match std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(&bytes).map(drop)) {
+        Ok(Ok(())) => Ok(bytes),
+        Ok(Err(e)) => Err(bad(e.to_string())),
+        Err(_) => Err(bad("the tokenizers library panicked on it".into())),
+    }
 }
 
 impl Checkpoint {
