@@ -171,6 +171,12 @@ fn print_source(c: &WeightComparison) {
             q.tensor, q.max_abs_error, q.max_abs_value, q.rms_error
         );
     }
+    for c in &c.config_mismatches {
+        println!("  {c}");
+    }
+    for w in &c.warnings {
+        eprintln!("warning: {w}");
+    }
 }
 
 fn print_parity(p: &Parity, t: &Thresholds) {

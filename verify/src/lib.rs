@@ -69,6 +69,8 @@ pub struct Integrity {
     pub tensors: usize,
     pub damaged: Vec<String>,
     pub invalid_trits: Option<String>,
+    /// The first NaN or infinite value of a float tensor, if any.
+    pub non_finite: Option<String>,
 }
 
 /// Everything measured, and the verdict.
@@ -113,6 +115,13 @@ pub fn verify(
         false => None,
     };
     failures.extend(invalid_trits.clone());
+    // NaN or Inf in a float tensor (an embedding, a norm, the head) is damage too, even with
+    // valid checksums.
+    let non_finite = match damaged.is_empty() {
+        true => file.verify_floats().err().map(|e| e.to_string()),
+        false => None,
+    };
+    failures.extend(non_finite.clone());
     let intact = failures.is_empty();
 
     let source = match &options.source {
@@ -165,6 +174,7 @@ pub fn verify(
             tensors: file.tensors().len(),
             damaged,
             invalid_trits,
+            non_finite,
         },
         source,
         kernel_parity: kernel,
