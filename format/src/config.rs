@@ -32,6 +32,33 @@ pub enum RopeStyle {
     Interleaved,
 }
 
+impl std::fmt::Display for Architecture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Architecture::Bitnet => "BitNet",
+            Architecture::Llama => "Llama",
+        })
+    }
+}
+
+impl std::fmt::Display for Activation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Activation::Relu2 => "squared ReLU",
+            Activation::Silu => "SiLU",
+        })
+    }
+}
+
+impl std::fmt::Display for RopeStyle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RopeStyle::RotateHalf => "rotate-half pairs",
+            RopeStyle::Interleaved => "interleaved pairs",
+        })
+    }
+}
+
 /// The normalized model configuration (docs/format.md §4).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
@@ -66,6 +93,16 @@ pub enum ScaleConvention {
     Divide,
     /// Float masters ternarized by the converter.
     Masters,
+}
+
+impl std::fmt::Display for ScaleConvention {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ScaleConvention::Multiply => "weight = scale × trit",
+            ScaleConvention::Divide => "weight = trit / scale",
+            ScaleConvention::Masters => "ternarized from float masters",
+        })
+    }
 }
 
 /// One file the conversion read.
