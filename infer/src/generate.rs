@@ -18,10 +18,9 @@ pub fn tokenizer_from_file(file: &TernFile) -> Result<Tokenizer, InferError> {
     let c = &file.metadata().config;
     let json = file.tokenizer_json();
     if json.is_empty() {
-        return Err(InferError::Input(format!(
-            "{}: the file holds no tokenizer (its source had no tokenizer.json)",
-            file.path().display()
-        )));
+        return Err(InferError::NoTokenizer {
+            path: file.path().to_path_buf(),
+        });
     }
     Ok(Tokenizer::from_bytes(
         json,
@@ -83,7 +82,7 @@ pub fn generate(
     mut on_token: impl FnMut(u32) -> Result<bool, InferError>,
 ) -> Result<Generation, InferError> {
     if prompt.is_empty() {
-        return Err(InferError::Input("the prompt is empty".into()));
+        return Err(InferError::EmptyPrompt);
     }
     if state.pos + prompt.len() > state.ctx {
         return Err(InferError::ContextFull {

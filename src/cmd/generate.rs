@@ -7,7 +7,7 @@ use tern_infer::generate::{generate, tokenizer_from_file};
 use tern_infer::model::{Model, State};
 use tern_infer::sampling::Sampler;
 
-use super::run::{ModelArgs, SamplingArgs};
+use super::args::{ModelArgs, SamplingArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -58,10 +58,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
             if streaming {
                 if let Some(text) = stream.push(id)? {
                     write!(stdout, "{text}")
-                        .and_then(|_| stdout.flush())
-                        .map_err(|e| {
-                            tern_infer::InferError::Input(format!("writing output: {e}"))
-                        })?;
+                        .and_then(|()| stdout.flush())
+                        .map_err(tern_infer::InferError::Output)?;
                 }
             }
             Ok(true)
