@@ -28,7 +28,7 @@ use minijinja::{Environment, Error as JinjaError, ErrorKind, Value};
 use serde::{Deserialize, Serialize};
 use tern_format::TernFile;
 
-use crate::generate::{generate, Generation};
+use crate::generate::{generate_text, Generation};
 use crate::model::{Model, State};
 use crate::pool::Pool;
 use crate::sampling::Sampler;
@@ -315,7 +315,7 @@ impl<'t> Conversation<'t> {
         pool: &Pool,
         max_tokens: usize,
         sampler: &mut Sampler,
-        mut on_text: impl FnMut(&str) -> Result<(), InferError>,
+        on_text: impl FnMut(&str) -> Result<(), InferError>,
     ) -> Result<Reply, InferError> {
         let prompt = self.template.render(&self.messages, true)?;
         // add_special: BOS exactly once, whether or not the template writes it.
@@ -333,25 +333,16 @@ impl<'t> Conversation<'t> {
         let keep = common.min(ids.len() - 1);
         self.state.pos = keep;
         self.cached.truncate(keep);
-        let mut stream = self.tokenizer.stream(true);
-        let generation = generate(
+        let generation = generate_text(
             model,
             pool,
             &mut self.state,
+            self.tokenizer,
             &ids[keep..],
             max_tokens,
             sampler,
-            self.tokenizer.eos_token_ids(),
-            |id| {
-                if let Some(text) = stream.push(id)? {
-                    on_text(&text)?;
-                }
-                Ok(true)
-            },
+            on_text,
         )?;
-        if let Some(rest) = stream.finish()? {
-            on_text(&rest)?;
-        }
         // The cache holds the prompt and every generated token that was fed back: all but
         // the last one when the token budget ran out.
         self.cached.extend_from_slice(&ids[keep..]);

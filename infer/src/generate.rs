@@ -127,3 +127,39 @@ pub fn generate(
         stop,
     })
 }
+
+/// [`generate`] with the tokenizer's stop tokens, passing the generated text to `on_text`
+/// piece by piece as it is produced (never half a character; what is left at the end,
+/// flushed last), which is what streaming output wants.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_text(
+    model: &Model,
+    pool: &Pool,
+    state: &mut State,
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    max_new: usize,
+    sampler: &mut Sampler,
+    mut on_text: impl FnMut(&str) -> Result<(), InferError>,
+) -> Result<Generation, InferError> {
+    let mut stream = tokenizer.stream(true);
+    let generation = generate(
+        model,
+        pool,
+        state,
+        prompt,
+        max_new,
+        sampler,
+        tokenizer.eos_token_ids(),
+        |id| {
+            if let Some(text) = stream.push(id)? {
+                on_text(&text)?;
+            }
+            Ok(true)
+        },
+    )?;
+    if let Some(rest) = stream.finish()? {
+        on_text(&rest)?;
+    }
+    Ok(generation)
+}

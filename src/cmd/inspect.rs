@@ -42,7 +42,6 @@ pub fn run(args: Args) -> Result<ExitCode> {
 fn print(out: &mut impl Write, file: &TernFile, r: &Report, tensors: bool) -> Result<()> {
     let meta = file.metadata();
     let (c, p) = (&meta.config, &meta.provenance);
-    let s = &r.summary;
     let yes_no = |b: bool| if b { "yes" } else { "no" };
     let size = |n: u64| BinaryBytes(n).to_string();
     writeln!(
@@ -91,6 +90,13 @@ fn print(out: &mut impl Write, file: &TernFile, r: &Report, tensors: bool) -> Re
         p.source_files.len(),
         p.converter
     )?;
+    print_tensors(out, r, tensors)?;
+    print_check(out, r)
+}
+
+/// Sizes by kind of tensor and, with `all`, every tensor.
+fn print_tensors(out: &mut impl Write, r: &Report, all: bool) -> Result<()> {
+    let (s, size) = (&r.summary, |n: u64| BinaryBytes(n).to_string());
     writeln!(out, "tensors: {}", s.tensors)?;
     for (name, g) in [
         ("ternary", &s.ternary),
@@ -106,7 +112,7 @@ fn print(out: &mut impl Write, file: &TernFile, r: &Report, tensors: bool) -> Re
             g.bits_per_value
         )?;
     }
-    if tensors {
+    if all {
         writeln!(
             out,
             "\n{:<56} {:>6} {:>16} {:>12} {:>12}",
@@ -126,6 +132,12 @@ fn print(out: &mut impl Write, file: &TernFile, r: &Report, tensors: bool) -> Re
             )?;
         }
     }
+    Ok(())
+}
+
+/// The result of `--check`, if it ran.
+fn print_check(out: &mut impl Write, r: &Report) -> Result<()> {
+    let s = &r.summary;
     let Some(check) = &r.check else { return Ok(()) };
     if check.ok {
         writeln!(
