@@ -8,7 +8,7 @@ use tern_infer::generate::tokenizer_from_file;
 use tern_infer::model::Model;
 use tern_infer::verify::{kernel_parity, reference_parity, Parity, Thresholds};
 
-use super::run::ModelArgs;
+use super::args::ModelArgs;
 
 /// Prompts used for kernel parity when --prompts is not given.
 const DEFAULT_PROMPTS: [&str; 3] = [
