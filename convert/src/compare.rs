@@ -1,6 +1,6 @@
 //! Exact comparison of a `.tern` file with the checkpoint it came from (`tern verify
 //! --source`). The source side is decoded here with the plain formulas of
-//! checkpoints.md §3–§4, independently of the converter's fast paths, so a converter bug
+//! docs/checkpoints.md §3–§4, independently of the converter's fast paths, so a converter bug
 //! cannot hide behind itself.
 
 use std::path::Path;

@@ -1,5 +1,5 @@
 //! Which checkpoint family a folder holds, its normalized config, and where each `.tern`
-//! tensor comes from (../shared/reference/checkpoints.md §2, §4).
+//! tensor comes from (docs/checkpoints.md §2, §4).
 
 use serde_json::Value;
 use tern_format::{
