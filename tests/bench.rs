@@ -1,4 +1,6 @@
-//! `tern bench`: the report a script reads (`--json`), on a small fixture.
+//! `tern bench`: the report a script reads (`--json`), on a small fixture, with a small
+//! bandwidth probe. The statistics and the context clamp are unit-tested in
+//! tern-infer's `bench` module; this checks the command puts them together.
 
 use crate::common::{convert, tern};
 
@@ -19,6 +21,8 @@ fn bench_json_reports_every_measurement_and_fits_contexts_to_the_model() {
         "8,100000",
         "--repeat",
         "2",
+        "--probe-mib",
+        "4",
         "--json",
     ]);
     assert!(

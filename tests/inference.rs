@@ -138,7 +138,7 @@ fn run_fixture(name: &str) {
                 kernels.variant(), full.top1, full.rows, full.max_abs, full.max_rel_std, decode.top1, decode.rows, decode.max_abs
             );
             // Rounding flips of the int8 activations move logits by a fraction of their spread
-            // (checkpoints.md §9.5); a wrong model moves them by several spreads.
+            // (docs/checkpoints.md §9.5); a wrong model moves them by several spreads.
             assert!(
                 full.max_rel_std < 0.25,
                 "{name}: prompt logits off: {full:?}"
@@ -296,7 +296,7 @@ fn bad_input_gives_clear_errors() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("context of 12 tokens is full"), "{err}");
     let err = tern_fails(&["generate", p, "-p", "hi", "--kernel", "sse9"], 2);
-    assert!(err.contains("unknown kernel"), "{err}");
+    assert!(err.contains("invalid value 'sse9'"), "{err}");
 }
 
 #[test]
@@ -306,9 +306,6 @@ fn generate_streams_text_and_reports_speed() {
     let p = path.to_str().unwrap();
     let out = tern(&["generate", p, "-p", "The lighthouse keeper", "-n", "8"]);
     assert!(out.status.success());
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.starts_with("The lighthouse keeper"), "{text}");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("tok/s"));
     let doc: serde_json::Value = serde_json::from_str(&tern_ok(&[
         "generate",
         p,
@@ -319,6 +316,17 @@ fn generate_streams_text_and_reports_speed() {
         "--json",
     ]))
     .unwrap();
+    // The stream is the prompt then the text of the tokens the JSON lists.
+    let text = doc["text"].as_str().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("The lighthouse keeper{text}\n")
+    );
+    let n = doc["tokens"].as_array().unwrap().len();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&format!("decode: {n} tokens")), "{stderr}");
+    tern_into_closed_pipe(&["generate", p, "-p", "The lighthouse keeper", "-n", "8"]);
+    tern_into_closed_pipe(&["generate", p, "-p", "The lighthouse keeper", "--json"]);
     let reference = Reference::load("bitnet-2b4t-h64");
     let want: Vec<u64> = reference
         .ids("prompt.0.greedy")
@@ -342,29 +350,168 @@ fn generate_streams_text_and_reports_speed() {
     );
 }
 
+/// The largest |Δ| between two rows of logits.
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn a_conversation_reuses_its_cache_and_matches_a_fresh_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = convert("bitnet-2b4t-h64", dir.path());
+    for isa in tern_infer::kernels::Isa::all_available() {
+        conversation_matches_a_fresh_state(&path, Kernels::for_isa(isa).unwrap());
+    }
+}
+
+fn conversation_matches_a_fresh_state(path: &std::path::Path, kernels: Kernels) {
+    use tern_infer::chat::{ChatTemplate, Conversation};
+    use tern_infer::generate::tokenizer_from_file;
+    use tern_infer::sampling::{Sampler, SamplingParams};
+
+    let file = TernFile::open(path).unwrap();
+    let model = Model::load(&file).unwrap();
+    let vocab = model.config.vocab_size as usize;
+    let pool = Pool::new(2);
+    let tokenizer = tokenizer_from_file(&file).unwrap();
+    let template = ChatTemplate::for_file(&file, &tokenizer).unwrap();
+    let state = State::new(&model, kernels, &pool, 256);
+    let mut chat = Conversation::new(template, &tokenizer, state, Some("Be brief."));
+    let mut sampler = Sampler::new(SamplingParams::greedy());
+    let mut say = |chat: &mut Conversation, text: &str| {
+        let mut streamed = String::new();
+        let reply = chat
+            .say(&model, &pool, text, 6, &mut sampler, |piece| {
+                streamed.push_str(piece);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(streamed.trim(), reply.text);
+        reply
+    };
+    let first = say(&mut chat, "hello there");
+    assert_eq!(first.reused_tokens, 0);
+    let second = say(&mut chat, "what is the sea?");
+    assert_eq!(chat.messages().len(), 5);
+    // The second turn's prompt starts with the first turn's: only the rest is computed.
+    let p1 = first.generation.prompt_tokens;
+    let keep = second.reused_tokens;
+    assert!(keep >= p1, "reused {keep} of a first prompt of {p1}");
+    let cached = chat.cached_tokens().to_vec();
+    assert_eq!(cached.len(), chat.state().pos);
+    let reused = &chat.state().logits[..vocab];
+
+    // A fresh state fed the same tokens in the same pieces (first prompt, first reply token
+    // by token, the rest of the second prompt, second reply token by token)...
+    let mut same = State::new(&model, kernels, &pool, 256);
+    let second_prompt_end = keep + second.generation.prompt_tokens;
+    let mut pieces: Vec<&[u32]> = vec![&cached[..p1]];
+    pieces.extend(cached[p1..keep].chunks(1));
+    pieces.push(&cached[keep..second_prompt_end]);
+    pieces.extend(cached[second_prompt_end..].chunks(1));
+    for piece in pieces {
+        model
+            .forward(&pool, &mut same, piece, Logits::Last, &mut NoProbe)
+            .unwrap();
+    }
+    // ...and one fed the whole conversation at once. Both are bit-identical to the reused
+    // state (measured, every kernel here): each token's quantization, integer products,
+    // norms and attention over the cache do not depend on how tokens are grouped.
+    let mut once = State::new(&model, kernels, &pool, 256);
+    model
+        .forward(&pool, &mut once, &cached, Logits::Last, &mut NoProbe)
+        .unwrap();
+    for (how, fresh) in [("same pieces", &same), ("at once", &once)] {
+        let d = max_abs_diff(reused, &fresh.logits[..vocab]);
+        assert_eq!(d, 0.0, "{}: {how}: max |Δ| {d}", kernels.variant());
+    }
+}
+
 #[test]
 fn chat_answers_each_line_of_a_pipe() {
     use std::io::Write;
+    use tern_infer::chat::{ChatTemplate, Conversation};
+    use tern_infer::generate::tokenizer_from_file;
+    use tern_infer::sampling::{Sampler, SamplingParams};
+
     let dir = tempfile::tempdir().unwrap();
     let path = convert("bitnet-2b4t-h64", dir.path());
+    let lines = ["hello there", "what is the sea?"];
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tern"))
-        .args(["chat", path.to_str().unwrap(), "-n", "6"])
+        .args(["chat", path.to_str().unwrap(), "-n", "6", "-t", "2"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    let input = format!("{}\n\n{}\n", lines[0], lines[1]);
     child
         .stdin
         .take()
         .unwrap()
-        .write_all(b"hello there\nwhat is the sea?\n")
+        .write_all(input.as_bytes())
         .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        text.lines().count(),
-        2,
-        "one reply line per input line: {text:?}"
-    );
+
+    // The same conversation through the library: each reply streamed on its own line (the
+    // empty input line is skipped).
+    let file = TernFile::open(&path).unwrap();
+    let model = Model::load(&file).unwrap();
+    let pool = Pool::new(2);
+    let tokenizer = tokenizer_from_file(&file).unwrap();
+    let template = ChatTemplate::for_file(&file, &tokenizer).unwrap();
+    let state = State::new(&model, *Kernels::best(), &pool, 4096);
+    let mut chat = Conversation::new(template, &tokenizer, state, None);
+    let mut sampler = Sampler::new(SamplingParams::greedy());
+    let mut want = String::new();
+    for line in lines {
+        let reply = chat
+            .say(&model, &pool, line, 6, &mut sampler, |piece| {
+                want.push_str(piece);
+                Ok(())
+            })
+            .unwrap();
+        assert!(!reply.generation.tokens.is_empty());
+        want.push('\n');
+    }
+    assert_eq!(String::from_utf8_lossy(&out.stdout), want);
+}
+
+#[test]
+fn streamed_text_equals_the_decoded_text_on_the_fixture_tokenizers() {
+    use tern_infer::tokenizer::{Tokenizer, TokenizerOptions};
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    // Accents, a dash, an emoji and CJK: characters of 2, 3 and 4 bytes, which byte-level
+    // BPE vocabularies this small split over several tokens.
+    let text = "The naïve café — said 😀 to 日本語, then «bonjour» again.";
+    for json in [
+        root.join("models/bitnet-2b4t-h64/tokenizer.json"),
+        root.join("default/bitnet-tiny/tokenizer.json"),
+    ] {
+        let bytes = std::fs::read(&json).unwrap();
+        let tok = Tokenizer::from_bytes(&bytes, TokenizerOptions::default()).unwrap();
+        let ids = tok.encode(text, false).unwrap();
+        let mut stream = tok.stream(true);
+        let (mut pieces, mut held) = (Vec::new(), 0);
+        for &id in &ids {
+            match stream.push(id).unwrap() {
+                Some(piece) => {
+                    assert!(!piece.contains('\u{FFFD}'), "{piece:?}");
+                    pieces.push(piece);
+                }
+                None => held += 1,
+            }
+        }
+        pieces.extend(stream.finish().unwrap());
+        assert!(
+            held > 0,
+            "{}: no character split over tokens",
+            json.display()
+        );
+        assert_eq!(pieces.concat(), tok.decode(&ids, true).unwrap());
+        assert_eq!(pieces.concat(), text, "{}", json.display());
+    }
 }

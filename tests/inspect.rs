@@ -8,6 +8,16 @@ fn inspect_reports_the_model_and_checks_the_file() {
     let text = tern_ok(&["inspect", p, "--check", "--tensors"]);
     assert!(text.contains("3 layers, hidden 256"), "{text}");
     assert!(text.contains("all 35 checksums"), "{text}");
+    // Words for people, not Rust's debug formatting.
+    for debug in ["Some(", "Relu2", "RotateHalf", "Multiply", "true", "false"] {
+        assert!(!text.contains(debug), "{debug} in {text}");
+    }
+    assert!(
+        text.contains("squared ReLU") && text.contains("BOS 496"),
+        "{text}"
+    );
+    tern_into_closed_pipe(&["inspect", p, "--tensors"]);
+    tern_into_closed_pipe(&["inspect", p, "--json"]);
     assert!(
         text.contains("model.layers.2.mlp.down_proj.weight"),
         "{text}"
@@ -20,7 +30,7 @@ fn inspect_reports_the_model_and_checks_the_file() {
         doc["metadata"]["provenance"]["source_family"],
         "BitNetForCausalLM, autobitlinear offline"
     );
-    let bits = doc["summary"]["ternary"]["bits_per_weight"]
+    let bits = doc["summary"]["ternary"]["bits_per_value"]
         .as_f64()
         .unwrap();
     assert!((2.0..2.1).contains(&bits), "{bits}");

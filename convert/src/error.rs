@@ -40,10 +40,16 @@ pub enum ConvertError {
     Unsupported(String),
     #[error("{0}")]
     NotFound(String),
-    #[error("{}: already exists (pass --force to overwrite)", .0.display())]
+    /// The output exists and overwriting it was not asked for (`Options::force`).
+    #[error("{}: already exists", .0.display())]
     OutputExists(PathBuf),
-    #[error("warnings are errors with --strict:\n  {}", .0.join("\n  "))]
+    /// Warnings were found and `Options::strict` makes them errors.
+    #[error("warnings are errors in strict mode:\n  {}", .0.join("\n  "))]
     Strict(Vec<String>),
+    /// The thread that writes the output stopped before taking every tensor; its own error
+    /// (an I/O failure) is the one to report.
+    #[error("the output writer stopped early")]
+    WriterStopped,
     #[error(transparent)]
     Format(#[from] tern_format::Error),
 }

@@ -321,10 +321,7 @@ fn produce(
     tx: &std::sync::mpsc::SyncSender<Result<Piece>>,
 ) -> Result<()> {
     use declared::{Origin, WeightRule};
-    let send = |piece: Piece| {
-        tx.send(Ok(piece))
-            .map_err(|_| ConvertError::Unsupported("writer stopped".into()))
-    };
+    let send = |piece: Piece| tx.send(Ok(piece)).map_err(|_| ConvertError::WriterStopped);
     let src = ck.get(p.origin.src()).expect("planned tensors exist");
     let name = p.name.clone();
     let layout = options.ternary.layout();

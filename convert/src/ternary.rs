@@ -8,7 +8,7 @@ use tern_format::tq2::{self, BLOCK_BYTES, BLOCK_COLS};
 use tern_format::ScaleConvention;
 
 /// Re-lays Hugging Face packed codes `P [out/4, in]` (row `i·R + r` in bits `2i` of packed
-/// row `r`, checkpoints.md §3) as TQ2 rows. Both store `code = trit + 1`, so codes move
+/// row `r`, docs/checkpoints.md §3) as TQ2 rows. Both store `code = trit + 1`, so codes move
 /// unchanged. Returns the TQ2 bytes, or the (row, column) of the first code 3.
 pub fn packed_to_tq2(packed: &[u8], out_rows: usize, cols: usize) -> Result<Vec<u8>, (u64, u64)> {
     let r_rows = out_rows / 4;
@@ -168,7 +168,7 @@ pub struct Ternarized {
     pub all_zero: bool,
 }
 
-/// transformers' `WeightQuant` (checkpoints.md §4.3) on raw master bytes `[rows, cols]`:
+/// transformers' `WeightQuant` (docs/checkpoints.md §4.3) on raw master bytes `[rows, cols]`:
 /// `sw = 1 / max(mean|w|, 1e-5)` in f32, `t = clamp(round_half_even(w · sw), −1, 1)`.
 /// Rows are decoded and ternarized in parallel, straight into TQ2 bytes.
 pub fn ternarize_masters(
@@ -390,7 +390,7 @@ pub fn scan_floats(bytes: &[u8], dtype: Dtype) -> FloatScan {
 mod tests {
     use super::*;
 
-    /// The Hugging Face packing of checkpoints.md §3, written from its formula.
+    /// The Hugging Face packing of docs/checkpoints.md §3, written from its formula.
     fn hf_pack(trits: &[i8], out: usize, cols: usize) -> Vec<u8> {
         let r = out / 4;
         let mut p = vec![0u8; r * cols];
@@ -421,9 +421,10 @@ mod tests {
 
     #[test]
     fn the_checkpoints_md_worked_example() {
-        // T[:,0] = [1,0,-1,1,0,-1,1,0], R = 2 → P[0,0] = 0b10_01_00_10.
+        // T[:,0] = [1,0,-1,1,0,-1,1,0], R = 2: P[0,0] holds rows 0, 2, 4, 6 and P[1,0]
+        // rows 1, 3, 5, 7, row 0 (4R + r) in bits 1:0.
         let col = [1i8, 0, -1, 1, 0, -1, 1, 0];
-        assert_eq!(hf_pack(&col, 8, 1)[0], 0b10_01_00_10);
+        assert_eq!(hf_pack(&col, 8, 1), [0b10_01_00_10, 0b01_00_10_01]);
         let tq = packed_to_tq2(&hf_pack(&col, 8, 1), 8, 1).unwrap();
         for (o, &t) in col.iter().enumerate() {
             assert_eq!(tq[o * 32] & 3, (t + 1) as u8);
@@ -439,23 +440,32 @@ mod tests {
 
     #[test]
     fn masters_round_half_to_even_like_transformers() {
-        // mean|w| = 1 → sw = 1: 0.5 → 0, 1.5 → 2 → clamp 1, -0.5 → -0, -1.5 → -1.
-        let w = [0.5f32, 1.5, -0.5, -1.5, 0.25, -0.75, 1.25, -0.0];
-        let mean: f32 = w.iter().map(|x| x.abs()).sum::<f32>() / 8.0;
-        assert_eq!(mean, 0.78125);
+        // mean|w| = (4 × 0.5 + 4 × 1.5) / 8 = 1, so sw = 1 and w · sw lands exactly on the
+        // ties ±0.5 and ±1.5. Half to even: ±0.5 → 0 (half away from zero would give ±1),
+        // ±1.5 → ±2 → clamped to ±1.
+        let w = [0.5f32, -0.5, 1.5, -1.5, 0.5, -0.5, 1.5, -1.5];
         let bytes: Vec<u8> = w.iter().flat_map(|x| x.to_le_bytes()).collect();
         let t8 = ternarize_masters(&bytes, Dtype::F32, 1, 8).unwrap();
-        let (tq, scale) = (t8.tq2, t8.scale);
-        assert_eq!(scale, 1.0 / (1.0 / mean));
+        assert_eq!(t8.scale, 1.0);
         let mut t = vec![0i8; 8];
-        tq2::unpack_row(&tq, &mut t).unwrap();
-        let sw = 1.0 / mean;
+        tq2::unpack_row(&t8.tq2, &mut t).unwrap();
+        assert_eq!(t, [0, 0, 1, -1, 0, 0, 1, -1]);
+        // The same rule as torch.round: round_ties_even, then the clamp.
         let want: Vec<i8> = w
             .iter()
-            .map(|x| (x * sw).round_ties_even().clamp(-1.0, 1.0) as i8)
+            .map(|x| x.round_ties_even().clamp(-1.0, 1.0) as i8)
             .collect();
         assert_eq!(t, want);
-        assert_eq!(&t[..4], &[1, 1, -1, -1]); // 0.64 → 1, 1.92 → 1 (clamped)
+        // Just off the tie, either side: 0.5 + ulp rounds to 1, 0.5 − ulp to 0.
+        let up = f32::from_bits(0.5f32.to_bits() + 1);
+        let down = f32::from_bits(0.5f32.to_bits() - 1);
+        let w = [up, -up, down, -down, 1.5, 1.5, 1.5, 1.5];
+        let bytes: Vec<u8> = w.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let t8 = ternarize_masters(&bytes, Dtype::F32, 1, 8).unwrap();
+        // mean|w| = 1 + 2⁻²⁷ in f64, 1 once rounded to f32.
+        assert_eq!(t8.scale, 1.0);
+        tq2::unpack_row(&t8.tq2, &mut t).unwrap();
+        assert_eq!(t, [1, -1, 0, 0, 1, 1, 1, 1]);
     }
 
     #[test]

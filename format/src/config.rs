@@ -32,6 +32,33 @@ pub enum RopeStyle {
     Interleaved,
 }
 
+impl std::fmt::Display for Architecture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Architecture::Bitnet => "BitNet",
+            Architecture::Llama => "Llama",
+        })
+    }
+}
+
+impl std::fmt::Display for Activation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Activation::Relu2 => "squared ReLU",
+            Activation::Silu => "SiLU",
+        })
+    }
+}
+
+impl std::fmt::Display for RopeStyle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RopeStyle::RotateHalf => "rotate-half pairs",
+            RopeStyle::Interleaved => "interleaved pairs",
+        })
+    }
+}
+
 /// RoPE frequency scaling, as transformers' `rope_type` computes it (docs/format.md §4.1).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
@@ -94,6 +121,16 @@ pub enum ScaleConvention {
     Divide,
     /// Float masters ternarized by the converter.
     Masters,
+}
+
+impl std::fmt::Display for ScaleConvention {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ScaleConvention::Multiply => "weight = scale × trit",
+            ScaleConvention::Divide => "weight = trit / scale",
+            ScaleConvention::Masters => "ternarized from float masters",
+        })
+    }
 }
 
 /// One file the conversion read.

@@ -7,10 +7,12 @@
 //!   validation on any byte slice and never panics.
 //! - [`tq2`] and [`tq1`] encode and decode the ternary layouts the kernels consume (2 and
 //!   1.6 bits per weight); [`q8row`] the int8-per-row layout of a compact head.
+//! - [`inspect::Report`] describes a file (and checks it) for `tern inspect`.
 #![deny(unsafe_code)]
 
 mod config;
 mod error;
+pub mod inspect;
 mod layout;
 pub mod q8row;
 mod reader;

@@ -1,18 +1,97 @@
-//! Kernel throughput: `cargo bench -p tern-infer --bench kernels` (optionally followed by
-//! `-- quick` for fewer repetitions). Prints, for every ISA this CPU has: TQ2 and TQ1 GEMV
-//! weight bandwidth (cache-hot: one matrix; cold: cycling through matrices larger than the
-//! L3), single-threaded and on a `Pool` of `physical_cores()`, TQ2 and TQ1 GEMM (prefill)
-//! throughput, quantization time and bf16 GEMV bandwidth.
+//! Kernel throughput, with divan: `cargo bench -p tern-infer --bench kernels` (a filter
+//! such as `-- gemv_cold` picks benchmarks). For every ISA this CPU has, on the 2B-4T FFN
+//! shapes (gate/up 6912×2560, down 2560×6912) in both ternary layouts:
+//! - `gemv_hot`: one matrix, cache-hot; `gemv_cold`: cycling through 24 copies (≈ 100 MB,
+//!   more than any L3 here), so weights stream from memory; `gemv_cold_pool`: the same on
+//!   a `Pool` of `physical_cores()`. Throughput in bytes of weights.
+//! - `gemm_64_tokens`: the prefill kernel on 64 tokens; throughput in multiply-adds.
+//! - `quantize_row` (a 2560-wide activation row) and `bf16_gemv` (a 32000×2560 head).
+//!
+//! `tern bench --kernels` measures the same kernels from memory inside the CLI, for users;
+//! this is the developers' view, with divan's statistics.
 
-use std::hint::black_box;
-use std::time::Instant;
-
-use tern_format::tq1::pack_row as tq1_pack_row;
-use tern_format::tq2::pack_row as tq2_pack_row;
+use divan::counter::{BytesCount, ItemsCount};
+use divan::Bencher;
 use tern_infer::kernels::{Isa, Kernels};
 use tern_infer::pool::{physical_cores, Pool};
 
+fn main() {
+    divan::main();
+}
+
+/// 2B-4T's FFN shapes.
+const SHAPES: [(usize, usize); 2] = [(6912, 2560), (2560, 6912)];
+/// Copies cycled through by the cold benchmarks.
+const COLD_COPIES: usize = 24;
+/// Tokens of the prefill benchmark.
+const TOKENS: usize = 64;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Layout {
+    Tq2,
+    Tq1,
+}
+
+/// One kernel configuration: ISA, ternary layout, matrix shape.
+#[derive(Clone, Copy)]
+struct Case {
+    isa: Isa,
+    layout: Layout,
+    rows: usize,
+    cols: usize,
+}
+
+impl std::fmt::Display for Case {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let k = Kernels::for_isa(self.isa).expect("available");
+        write!(
+            f,
+            "{} {:?} {}x{}",
+            k.variant(),
+            self.layout,
+            self.rows,
+            self.cols
+        )
+    }
+}
+
+fn cases() -> Vec<Case> {
+    let mut out = Vec::new();
+    for isa in Isa::all_available() {
+        for layout in [Layout::Tq2, Layout::Tq1] {
+            for (rows, cols) in SHAPES {
+                out.push(Case {
+                    isa,
+                    layout,
+                    rows,
+                    cols,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// An ISA, named as the kernels name themselves.
+#[derive(Clone, Copy)]
+struct IsaArg(Isa);
+
+impl std::fmt::Display for IsaArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(Kernels::for_isa(self.0).expect("available").variant())
+    }
+}
+
+fn isas() -> Vec<IsaArg> {
+    Isa::all_available().into_iter().map(IsaArg).collect()
+}
+
+/// Packs one row of trits into a layout's bytes.
+type PackRow = fn(&[i8], &mut [u8]);
+
+/// xorshift64: deterministic inputs without a dependency.
 struct Rng(u64);
+
 impl Rng {
     fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
@@ -22,164 +101,143 @@ impl Rng {
     }
 }
 
-/// Median seconds per call of `f` over `reps` timed batches of `inner` calls.
-fn time(reps: usize, inner: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    let mut v: Vec<f64> = (0..reps)
-        .map(|_| {
-            let t = Instant::now();
-            for _ in 0..inner {
-                f();
+/// `copies` equal random ternary matrices of `case`'s layout and shape (distinct memory, so
+/// cycling through them streams from memory), and one quantized activation row.
+struct Weights {
+    k: Kernels,
+    layout: Layout,
+    rows: usize,
+    /// Blocks per row.
+    nb: usize,
+    row_bytes: usize,
+    mats: Vec<Vec<u8>>,
+    q: Vec<i8>,
+    q_sum: i32,
+}
+
+impl Weights {
+    fn new(case: Case, copies: usize) -> Weights {
+        let (block_cols, pack): (usize, PackRow) = match case.layout {
+            Layout::Tq2 => (128, tern_format::tq2::pack_row),
+            Layout::Tq1 => (tern_format::tq1::BLOCK_COLS, tern_format::tq1::pack_row),
+        };
+        let nb = case.cols.div_ceil(block_cols);
+        let row_bytes = nb * 32;
+        let mut rng = Rng(0x1234_5678_9abc_def1);
+        let mut m = vec![0u8; case.rows * row_bytes];
+        let mut trits = vec![0i8; case.cols];
+        for row in m.chunks_exact_mut(row_bytes) {
+            for t in trits.iter_mut() {
+                *t = (rng.next() % 3) as i8 - 1;
             }
-            t.elapsed().as_secs_f64() / inner as f64
-        })
-        .collect();
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-/// The two ternary layouts: name, columns per block, bytes per block, row packer.
-type Pack = fn(&[i8], &mut [u8]);
-const LAYOUTS: [(&str, usize, usize, Pack); 2] = [
-    ("TQ2", 128, 32, tq2_pack_row),
-    ("TQ1", 160, 32, tq1_pack_row),
-];
-
-fn ternary_matrix(rng: &mut Rng, rows: usize, cols: usize, rb: usize, pack: Pack) -> Vec<u8> {
-    let mut w = vec![0u8; rows * rb];
-    let mut trits = vec![0i8; cols];
-    for row in w.chunks_exact_mut(rb) {
-        for t in trits.iter_mut() {
-            *t = (rng.next() % 3) as i8 - 1;
+            pack(&trits, row);
         }
-        pack(&trits, row);
-    }
-    w
-}
-
-fn main() {
-    let quick = std::env::args().any(|a| a == "quick");
-    let reps = if quick { 5 } else { 15 };
-    let threads = physical_cores();
-    let pool = Pool::new(threads);
-    println!(
-        "ISAs available: {:?}; pool threads: {threads}",
-        Isa::all_available()
-    );
-    let mut rng = Rng(0x1234_5678_9abc_def1);
-
-    // (rows, cols): the BitNet-2B-4T FFN shapes (gate/up: 6912x2560, down: 2560x6912).
-    let shapes = [(6912usize, 2560usize), (2560, 6912)];
-    let cold_count = 24; // ≈ 106 MB of weights: larger than any L3 here
-    for (&(rows, cols), &(layout, block_cols, block_bytes, pack)) in shapes
-        .iter()
-        .flat_map(|s| LAYOUTS.iter().map(move |l| (s, l)))
-    {
-        let nb = cols.div_ceil(block_cols);
-        let rb = nb * block_bytes;
-        let mats: Vec<Vec<u8>> = (0..cold_count)
-            .map(|_| ternary_matrix(&mut rng, rows, cols, rb, pack))
-            .collect();
-        let x: Vec<f32> = (0..cols)
+        let k = Kernels::for_isa(case.isa).expect("available");
+        let x: Vec<f32> = (0..case.cols)
             .map(|_| (rng.next() % 2001) as f32 / 1000.0 - 1.0)
             .collect();
-        let bytes = (rows * rb) as f64;
-        println!(
-            "\n{layout} {rows}x{cols} ({:.2} MB per matrix)",
-            bytes / 1e6
-        );
-        for isa in Isa::all_available() {
-            let k = Kernels::for_isa(isa).unwrap();
-            let gemv = |w: &[u8], q: &[i8], q_sum: i32, out: &mut [i32]| match layout {
-                "TQ2" => k.tq2_gemv(w, nb, q, q_sum, out),
-                _ => k.tq1_gemv(w, nb, q, q_sum, out),
-            };
-            let mut q = vec![0i8; nb * block_cols];
-            let qr = k.quantize_row(&x, &mut q);
-            let t_q = time(reps, 200, || {
-                black_box(k.quantize_row(black_box(&x), &mut q));
-            });
-            let mut out = vec![0i32; rows];
-            let hot = time(reps, 20, || gemv(&mats[0], &q, qr.sum, &mut out));
-            let mut i = 0;
-            let cold = time(reps, cold_count, || {
-                i = (i + 1) % cold_count;
-                gemv(&mats[i], &q, qr.sum, &mut out)
-            });
-            let par = |w: &[u8], out: &mut [i32]| {
-                pool.run_chunks(out, 4, threads, |_, r, o| {
-                    gemv(&w[r.start * rb..r.end * rb], &q, qr.sum, o)
-                })
-            };
-            let hot_mt = time(reps, 20, || par(&mats[0], &mut out));
-            let mut i = 0;
-            let cold_mt = time(reps, cold_count, || {
-                i = (i + 1) % cold_count;
-                par(&mats[i], &mut out)
-            });
-            // prefill: 64 tokens
-            let n = 64;
-            let qn: Vec<i8> = q.iter().cycle().take(n * q.len()).copied().collect();
-            let sums = vec![qr.sum; n];
-            let mut outn = vec![0i32; n * rows];
-            let t_gemm = time(reps.min(7), 1, || {
-                let w = &mats[0];
-                match layout {
-                    "TQ2" => k.tq2_gemm(w, nb, rows, &qn, &sums, n, &mut outn),
-                    _ => k.tq1_gemm(w, nb, rows, &qn, q.len(), &sums, n, &mut outn),
-                }
-            });
-            let t_loop = time(reps.min(7), 1, || {
-                for t in 0..n {
-                    gemv(
-                        &mats[0],
-                        &qn[t * q.len()..(t + 1) * q.len()],
-                        sums[t],
-                        &mut outn[t * rows..(t + 1) * rows],
-                    )
-                }
-            });
-            let gops = |t: f64| 2.0 * (rows * cols * n) as f64 / t / 1e9;
-            println!(
-                "  {:<12} gemv 1T: hot {:6.1} GB/s ({:7.1} us), cold {:6.1} GB/s | {threads}T: hot {:6.1} GB/s, cold {:6.1} GB/s | gemm n={n}: {:6.1} GOP/s (gemv loop {:6.1}) | quantize {:.2} us",
-                k.variant(),
-                bytes / hot / 1e9,
-                hot * 1e6,
-                bytes / cold / 1e9,
-                bytes / hot_mt / 1e9,
-                bytes / cold_mt / 1e9,
-                gops(t_gemm),
-                gops(t_loop),
-                t_q * 1e6,
-            );
+        let mut q = vec![0i8; nb * block_cols];
+        let q_sum = k.quantize_row(&x, &mut q).sum;
+        Weights {
+            k,
+            layout: case.layout,
+            rows: case.rows,
+            nb,
+            row_bytes,
+            mats: vec![m; copies],
+            q,
+            q_sum,
         }
     }
 
-    // bf16 head-like GEMV: 32000 x 2560 (164 MB)
+    fn bytes(&self) -> usize {
+        self.rows * self.row_bytes
+    }
+
+    /// The GEMV of the rows in `w` (whole rows of one matrix).
+    fn gemv(&self, w: &[u8], out: &mut [i32]) {
+        match self.layout {
+            Layout::Tq2 => self.k.tq2_gemv(w, self.nb, &self.q, self.q_sum, out),
+            Layout::Tq1 => self.k.tq1_gemv(w, self.nb, &self.q, self.q_sum, out),
+        }
+    }
+}
+
+#[divan::bench(args = cases())]
+fn gemv_hot(bencher: Bencher, case: Case) {
+    let w = Weights::new(case, 1);
+    let mut out = vec![0i32; case.rows];
+    bencher
+        .counter(BytesCount::new(w.bytes()))
+        .bench_local(|| w.gemv(&w.mats[0], &mut out));
+}
+
+#[divan::bench(args = cases())]
+fn gemv_cold(bencher: Bencher, case: Case) {
+    let w = Weights::new(case, COLD_COPIES);
+    let mut out = vec![0i32; case.rows];
+    let mut i = 0;
+    bencher.counter(BytesCount::new(w.bytes())).bench_local(|| {
+        i = (i + 1) % COLD_COPIES;
+        w.gemv(&w.mats[i], &mut out)
+    });
+}
+
+#[divan::bench(args = cases())]
+fn gemv_cold_pool(bencher: Bencher, case: Case) {
+    let w = Weights::new(case, COLD_COPIES);
+    let threads = physical_cores();
+    let pool = Pool::new(threads);
+    let mut out = vec![0i32; case.rows];
+    let mut i = 0;
+    bencher.counter(BytesCount::new(w.bytes())).bench_local(|| {
+        i = (i + 1) % COLD_COPIES;
+        let m = &w.mats[i];
+        pool.run_chunks(&mut out, 4, threads, |_, r, o| {
+            w.gemv(&m[r.start * w.row_bytes..r.end * w.row_bytes], o)
+        })
+    });
+}
+
+#[divan::bench(args = cases())]
+fn gemm_64_tokens(bencher: Bencher, case: Case) {
+    let w = Weights::new(case, 1);
+    let stride = w.q.len();
+    let qs: Vec<i8> = w.q.iter().cycle().take(TOKENS * stride).copied().collect();
+    let sums = vec![w.q_sum; TOKENS];
+    let mut out = vec![0i32; TOKENS * case.rows];
+    let (k, nb, m) = (w.k, w.nb, &w.mats[0]);
+    bencher
+        .counter(ItemsCount::new(case.rows * case.cols * TOKENS))
+        .bench_local(|| match case.layout {
+            Layout::Tq2 => k.tq2_gemm(m, nb, case.rows, &qs, &sums, TOKENS, &mut out),
+            Layout::Tq1 => k.tq1_gemm(m, nb, case.rows, &qs, stride, &sums, TOKENS, &mut out),
+        });
+}
+
+#[divan::bench(args = isas())]
+fn quantize_row(bencher: Bencher, isa: IsaArg) {
+    let k = Kernels::for_isa(isa.0).expect("available");
+    let x: Vec<f32> = (0..2560)
+        .map(|i| (i % 2001) as f32 / 1000.0 - 1.0)
+        .collect();
+    let mut q = vec![0i8; 2560];
+    bencher
+        .counter(ItemsCount::new(x.len()))
+        .bench_local(|| k.quantize_row(divan::black_box(&x), &mut q));
+}
+
+#[divan::bench(args = isas())]
+fn bf16_gemv(bencher: Bencher, isa: IsaArg) {
+    let k = Kernels::for_isa(isa.0).expect("available");
     let (rows, cols) = (32000usize, 2560usize);
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let w: Vec<u16> = (0..rows * cols)
         .map(|_| half::bf16::from_f32((rng.next() % 2001) as f32 / 1e5 - 0.01).to_bits())
         .collect();
     let x: Vec<f32> = (0..cols).map(|i| (i % 7) as f32 * 0.1).collect();
     let mut out = vec![0f32; rows];
-    println!(
-        "\nbf16 {rows}x{cols} ({:.0} MB)",
-        (w.len() * 2) as f64 / 1e6
-    );
-    for isa in Isa::all_available() {
-        let k = Kernels::for_isa(isa).unwrap();
-        let t1 = time(reps.min(7), 1, || k.bf16_gemv(&w, cols, &x, &mut out));
-        let tn = time(reps.min(7), 1, || {
-            pool.run_chunks(&mut out, 4, threads, |_, r, o| {
-                k.bf16_gemv(&w[r.start * cols..r.end * cols], cols, &x, o)
-            })
-        });
-        let b = (w.len() * 2) as f64;
-        println!(
-            "  {:<12} 1T {:6.1} GB/s | {threads}T {:6.1} GB/s",
-            k.variant(),
-            b / t1 / 1e9,
-            b / tn / 1e9
-        );
-    }
+    bencher
+        .counter(BytesCount::new(w.len() * 2))
+        .bench_local(|| k.bf16_gemv(&w, cols, &x, &mut out));
 }

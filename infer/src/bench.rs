@@ -118,6 +118,198 @@ pub fn bytes_per_token(model: &Model, context: usize) -> u64 {
     model.weight_bytes_per_token().saturating_add(kv)
 }
 
+/// A context length asked for, and the one measured: the longest that leaves room for the
+/// decoded tokens when the model has fewer positions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct FittedContext {
+    pub requested: usize,
+    pub measured: usize,
+}
+
+/// Fits each requested context to a model of `positions` positions that decodes `decode`
+/// tokens after it (2B-4T: 4096 positions, so 4096 runs at 4096 − n − 1), dropping
+/// duplicates after fitting, in order.
+pub fn fit_contexts(requested: &[usize], positions: usize, decode: usize) -> Vec<FittedContext> {
+    let limit = positions.saturating_sub(decode.saturating_add(1));
+    let mut out: Vec<FittedContext> = Vec::new();
+    for &c in requested {
+        let measured = c.min(limit);
+        if !out.iter().any(|f| f.measured == measured) {
+            out.push(FittedContext {
+                requested: c,
+                measured,
+            });
+        }
+    }
+    out
+}
+
+/// Smallest, median and largest of a set of measurements.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Spread {
+    pub min: f64,
+    pub median: f64,
+    pub max: f64,
+}
+
+impl Spread {
+    /// `None` for no measurements. The median of an even count is the upper middle one.
+    pub fn of(values: &[f64]) -> Option<Spread> {
+        let mut v = values.to_vec();
+        v.sort_by(f64::total_cmp);
+        Some(Spread {
+            min: *v.first()?,
+            median: v[v.len() / 2],
+            max: v[v.len() - 1],
+        })
+    }
+}
+
+/// The median of per-round values (0 for none).
+fn median(values: &[f64]) -> f64 {
+    Spread::of(values).map_or(0.0, |s| s.median)
+}
+
+/// What `tern bench` measures for one thread count.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub prompt: usize,
+    pub decode: usize,
+    /// Contexts already fitted to the model.
+    pub contexts: Vec<usize>,
+    pub rounds: usize,
+}
+
+/// Decode speed at one context.
+#[derive(Clone, Debug, Serialize)]
+pub struct Decode {
+    pub context: usize,
+    pub tokens_per_second: Spread,
+    pub bytes_per_token: u64,
+    /// At the median tokens/s.
+    pub gb_per_s: f64,
+    /// Median over rounds of the decode's GB/s over the same round's read bandwidth.
+    pub fraction_of_bandwidth_bound: f64,
+}
+
+/// Every measurement at one thread count.
+#[derive(Clone, Debug, Serialize)]
+pub struct Run {
+    pub threads: usize,
+    /// Median over rounds.
+    pub read_bandwidth_gb_per_s: f64,
+    pub prefill_tokens: usize,
+    pub prefill_tokens_per_second: Spread,
+    /// Median over rounds of prefill tokens/s over the same round's decode tokens/s at the
+    /// first context.
+    pub prefill_over_decode: f64,
+    pub decode: Vec<Decode>,
+}
+
+/// Per-round measurements at one thread count, before the statistics.
+#[derive(Clone, Debug, Default)]
+pub struct Rounds {
+    /// GB/s of the read probe.
+    pub bandwidth: Vec<f64>,
+    /// Prefill tokens/s.
+    pub prefill: Vec<f64>,
+    /// Decode tokens/s, one list per context.
+    pub decode: Vec<Vec<f64>>,
+}
+
+impl Rounds {
+    /// The statistics: each ratio is taken within a round (neighbours in time), then the
+    /// median over rounds. `bytes[i]` is what a decode step reads at `plan.contexts[i]`.
+    pub fn summarize(&self, threads: usize, plan: &Plan, bytes: &[u64]) -> Run {
+        let fraction = |tps: &[f64], bytes: u64| {
+            let per_round: Vec<f64> = tps
+                .iter()
+                .zip(&self.bandwidth)
+                .map(|(t, bw)| t * bytes as f64 / 1e9 / bw)
+                .collect();
+            median(&per_round)
+        };
+        let first = self.decode.first().map_or(&[][..], Vec::as_slice);
+        let ratios: Vec<f64> = self.prefill.iter().zip(first).map(|(p, d)| p / d).collect();
+        let zero = Spread {
+            min: 0.0,
+            median: 0.0,
+            max: 0.0,
+        };
+        let decode = plan
+            .contexts
+            .iter()
+            .zip(bytes)
+            .zip(&self.decode)
+            .map(|((&context, &bytes), tps)| {
+                let s = Spread::of(tps).unwrap_or(zero);
+                Decode {
+                    context,
+                    bytes_per_token: bytes,
+                    gb_per_s: s.median * bytes as f64 / 1e9,
+                    fraction_of_bandwidth_bound: fraction(tps, bytes),
+                    tokens_per_second: s,
+                }
+            })
+            .collect();
+        Run {
+            threads,
+            read_bandwidth_gb_per_s: median(&self.bandwidth),
+            prefill_tokens: plan.prompt,
+            prefill_tokens_per_second: Spread::of(&self.prefill).unwrap_or(zero),
+            prefill_over_decode: median(&ratios),
+            decode,
+        }
+    }
+}
+
+/// Measures `plan` on `pool`: rounds of (bandwidth, prefill, decode at each context), so
+/// that each decode is compared with the bandwidth and prefill measured next to it in time.
+/// `step()` is called after each measurement (`rounds × (2 + contexts)` in all).
+pub fn measure(
+    model: &Model,
+    pool: &Pool,
+    kernels: Kernels,
+    probe: &ReadProbe,
+    plan: &Plan,
+    step: &dyn Fn(),
+) -> Result<Run, InferError> {
+    let mut rounds = Rounds {
+        decode: vec![Vec::new(); plan.contexts.len()],
+        ..Rounds::default()
+    };
+    for _ in 0..plan.rounds.max(1) {
+        rounds.bandwidth.push(probe.measure(pool, 3));
+        step();
+        let seconds = time_prefill(model, pool, kernels, plan.prompt)?;
+        rounds.prefill.push(plan.prompt as f64 / seconds);
+        step();
+        for (tps, &ctx) in rounds.decode.iter_mut().zip(&plan.contexts) {
+            tps.push(1.0 / time_decode(model, pool, kernels, ctx, plan.decode)?);
+            step();
+        }
+    }
+    let bytes: Vec<u64> = plan
+        .contexts
+        .iter()
+        .map(|&c| bytes_per_token(model, c + plan.decode / 2))
+        .collect();
+    Ok(rounds.summarize(pool.threads(), plan, &bytes))
+}
+
+/// The CPU model (from /proc/cpuinfo where there is one), to record beside every figure.
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
 /// One kernel's throughput on one ISA.
 #[derive(Clone, Debug, Serialize)]
 pub struct KernelSpeed {
@@ -269,4 +461,53 @@ pub fn kernel_speeds(budget_bytes: usize) -> Vec<KernelSpeed> {
         out.push(speed("q8_gemv", &k, rows, cols, w8.len(), secs));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contexts_fit_the_model_and_keep_their_order() {
+        // 4096 positions, 2 decoded tokens: the longest context that fits is 4093.
+        let fitted = fit_contexts(&[8, 100_000, 4093, 4096, 8], 4096, 2);
+        let pairs: Vec<(usize, usize)> = fitted.iter().map(|f| (f.requested, f.measured)).collect();
+        assert_eq!(pairs, [(8, 8), (100_000, 4093)]);
+        // A model too short for the decoded tokens measures at context 0.
+        assert_eq!(fit_contexts(&[128], 4, 8)[0].measured, 0);
+        assert_eq!(fit_contexts(&[usize::MAX], 4096, usize::MAX)[0].measured, 0);
+        assert!(fit_contexts(&[], 4096, 2).is_empty());
+    }
+
+    #[test]
+    fn statistics_are_medians_of_per_round_ratios() {
+        assert_eq!(Spread::of(&[]), None);
+        let s = Spread::of(&[3.0, 1.0, 2.0, 10.0]).unwrap();
+        assert_eq!((s.min, s.median, s.max), (1.0, 3.0, 10.0));
+        let plan = Plan {
+            prompt: 5,
+            decode: 2,
+            contexts: vec![8, 64],
+            rounds: 3,
+        };
+        let rounds = Rounds {
+            bandwidth: vec![10.0, 20.0, 40.0],
+            prefill: vec![100.0, 300.0, 200.0],
+            decode: vec![vec![10.0, 10.0, 50.0], vec![1.0, 2.0, 3.0]],
+        };
+        let run = rounds.summarize(4, &plan, &[1_000_000_000, 2_000_000_000]);
+        assert_eq!(run.threads, 4);
+        assert_eq!(run.read_bandwidth_gb_per_s, 20.0);
+        assert_eq!(run.prefill_tokens_per_second.median, 200.0);
+        // Per round 100/10, 300/10, 200/50: the median is 10, not 200/10.
+        assert_eq!(run.prefill_over_decode, 10.0);
+        let d = &run.decode[0];
+        assert_eq!(
+            (d.context, d.tokens_per_second.median, d.gb_per_s),
+            (8, 10.0, 10.0)
+        );
+        // Per round 10/10, 10/20, 50/40 of the bound.
+        assert_eq!(d.fraction_of_bandwidth_bound, 1.0);
+        assert_eq!(run.decode[1].gb_per_s, 4.0);
+    }
 }

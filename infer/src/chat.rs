@@ -1,4 +1,5 @@
-//! Chat prompts: render a Hugging Face chat template.
+//! Chat: render a Hugging Face chat template, and hold a [`Conversation`] whose turns reuse
+//! the KV cache of the text they share.
 //!
 //! A model's `tokenizer_config.json` carries a Jinja template under
 //! `chat_template`. transformers renders it with Jinja2 in a sandboxed
@@ -25,6 +26,14 @@
 use minijinja::value::Kwargs;
 use minijinja::{Environment, Error as JinjaError, ErrorKind, Value};
 use serde::{Deserialize, Serialize};
+use tern_format::TernFile;
+
+use crate::generate::{generate_text, Generation};
+use crate::model::{Model, State};
+use crate::pool::Pool;
+use crate::sampling::Sampler;
+use crate::tokenizer::Tokenizer;
+use crate::InferError;
 
 /// Errors from loading or rendering a chat template.
 #[derive(Debug, thiserror::Error)]
@@ -210,6 +219,156 @@ impl ChatTemplate {
             documents => (),
         };
         tmpl.render(ctx).map_err(ChatError::Render)
+    }
+}
+
+impl ChatTemplate {
+    /// The template a `.tern` file carries, or the [`FALLBACK_TEMPLATE`], with the file's BOS
+    /// string and its end-of-turn string: `<|eot_id|>` where the vocabulary has it (Llama 3,
+    /// BitNet 2B-4T), else the first EOS token.
+    pub fn for_file(file: &TernFile, tokenizer: &Tokenizer) -> Result<Self> {
+        let token = |id: Option<u32>| {
+            id.and_then(|i| tokenizer.id_to_token(i))
+                .unwrap_or_default()
+        };
+        let bos = token(file.metadata().config.bos_token_id);
+        let end_of_turn = tokenizer
+            .token_to_id("<|eot_id|>")
+            .or(tokenizer.eos_token_ids().first().copied());
+        let eos = token(end_of_turn);
+        match &file.metadata().chat_template {
+            Some(t) => Self::new(t, bos, eos),
+            None => Ok(Self::fallback(bos, eos)),
+        }
+    }
+}
+
+/// A conversation with a model: the turns so far and the KV cache of their tokens. Each
+/// turn renders the whole conversation with the chat template and feeds only the tokens
+/// after the longest prefix the cache already holds.
+pub struct Conversation<'t> {
+    template: ChatTemplate,
+    tokenizer: &'t Tokenizer,
+    messages: Vec<Message>,
+    state: State,
+    /// The token ids whose keys and values are in `state`'s cache, in order.
+    cached: Vec<u32>,
+}
+
+/// What one turn produced.
+#[derive(Clone, Debug)]
+pub struct Reply {
+    /// The reply as stored in the conversation (decoded, trimmed).
+    pub text: String,
+    pub generation: Generation,
+    /// Tokens of the rendered conversation taken from the cache rather than computed.
+    pub reused_tokens: usize,
+}
+
+impl<'t> Conversation<'t> {
+    /// A conversation starting from an empty `state`, with an optional system message.
+    pub fn new(
+        template: ChatTemplate,
+        tokenizer: &'t Tokenizer,
+        mut state: State,
+        system: Option<&str>,
+    ) -> Self {
+        state.pos = 0;
+        Self {
+            template,
+            tokenizer,
+            messages: system.into_iter().map(Message::system).collect(),
+            state,
+            cached: Vec::new(),
+        }
+    }
+
+    /// Adds the user's message and generates the reply, passing its text to `on_text` piece
+    /// by piece as it is produced (never half a character). On an error the user's message
+    /// is withdrawn and the conversation can go on.
+    pub fn say(
+        &mut self,
+        model: &Model,
+        pool: &Pool,
+        user: &str,
+        max_tokens: usize,
+        sampler: &mut Sampler,
+        on_text: impl FnMut(&str) -> Result<(), InferError>,
+    ) -> Result<Reply, InferError> {
+        self.messages.push(Message::user(user));
+        let reply = self.reply(model, pool, max_tokens, sampler, on_text);
+        match reply {
+            Ok(reply) => {
+                self.messages.push(Message::assistant(reply.text.clone()));
+                Ok(reply)
+            }
+            Err(e) => {
+                self.messages.pop();
+                Err(e)
+            }
+        }
+    }
+
+    fn reply(
+        &mut self,
+        model: &Model,
+        pool: &Pool,
+        max_tokens: usize,
+        sampler: &mut Sampler,
+        on_text: impl FnMut(&str) -> Result<(), InferError>,
+    ) -> Result<Reply, InferError> {
+        let prompt = self.template.render(&self.messages, true)?;
+        // add_special: BOS exactly once, whether or not the template writes it.
+        let ids = self.tokenizer.encode(&prompt, true)?;
+        if ids.is_empty() {
+            return Err(InferError::EmptyPrompt);
+        }
+        let common = self
+            .cached
+            .iter()
+            .zip(&ids)
+            .take_while(|(a, b)| a == b)
+            .count();
+        // Feed at least one token, so that the logits belong to the last one.
+        let keep = common.min(ids.len() - 1);
+        self.state.pos = keep;
+        self.cached.truncate(keep);
+        let generation = generate_text(
+            model,
+            pool,
+            &mut self.state,
+            self.tokenizer,
+            &ids[keep..],
+            max_tokens,
+            sampler,
+            on_text,
+        )?;
+        // The cache holds the prompt and every generated token that was fed back: all but
+        // the last one when the token budget ran out.
+        self.cached.extend_from_slice(&ids[keep..]);
+        self.cached.extend_from_slice(&generation.tokens);
+        self.cached.truncate(self.state.pos);
+        let text = self.tokenizer.decode(&generation.tokens, true)?;
+        Ok(Reply {
+            text: text.trim().to_owned(),
+            generation,
+            reused_tokens: keep,
+        })
+    }
+
+    /// The turns so far.
+    pub fn messages(&self) -> &[Message] {
+        &self.messages
+    }
+
+    /// The token ids whose keys and values the cache holds.
+    pub fn cached_tokens(&self) -> &[u32] {
+        &self.cached
+    }
+
+    /// The model state: the cache, and the logits of the last token fed.
+    pub fn state(&self) -> &State {
+        &self.state
     }
 }
 

@@ -46,18 +46,14 @@ pub fn perplexity(
     progress: &dyn Fn(usize, usize),
 ) -> Result<Perplexity, InferError> {
     let start = std::time::Instant::now();
-    let bos = model.config.bos_token_id.ok_or_else(|| {
-        InferError::Input("the model has no BOS token to start each window".into())
-    })?;
+    let bos = model.config.bos_token_id.ok_or(InferError::NoBosToken)?;
     if window < 2 {
-        return Err(InferError::Input(format!(
-            "window {window} is too small (at least 2)"
-        )));
+        return Err(InferError::WindowTooSmall { window });
     }
     crate::limits::check_ctx(&model.config, window, pool.threads(), "window")?;
     let ids = tokenizer.encode(text, false)?;
     if ids.is_empty() {
-        return Err(InferError::Input("the text is empty".into()));
+        return Err(InferError::EmptyText);
     }
     let vocab = model.config.vocab_size as usize;
     let chunks: Vec<&[u32]> = ids.chunks(window - 1).collect();

@@ -18,10 +18,9 @@ pub fn tokenizer_from_file(file: &TernFile) -> Result<Tokenizer, InferError> {
     let c = &file.metadata().config;
     let json = file.tokenizer_json();
     if json.is_empty() {
-        return Err(InferError::Input(format!(
-            "{}: the file holds no tokenizer (its source had no tokenizer.json)",
-            file.path().display()
-        )));
+        return Err(InferError::NoTokenizer {
+            path: file.path().to_path_buf(),
+        });
     }
     Ok(Tokenizer::from_bytes(
         json,
@@ -83,7 +82,7 @@ pub fn generate(
     mut on_token: impl FnMut(u32) -> Result<bool, InferError>,
 ) -> Result<Generation, InferError> {
     if prompt.is_empty() {
-        return Err(InferError::Input("the prompt is empty".into()));
+        return Err(InferError::EmptyPrompt);
     }
     if state.pos + prompt.len() > state.ctx {
         return Err(InferError::ContextFull {
@@ -127,4 +126,40 @@ pub fn generate(
         decode_seconds: start.elapsed().as_secs_f64(),
         stop,
     })
+}
+
+/// [`generate`] with the tokenizer's stop tokens, passing the generated text to `on_text`
+/// piece by piece as it is produced (never half a character; what is left at the end,
+/// flushed last), which is what streaming output wants.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_text(
+    model: &Model,
+    pool: &Pool,
+    state: &mut State,
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    max_new: usize,
+    sampler: &mut Sampler,
+    mut on_text: impl FnMut(&str) -> Result<(), InferError>,
+) -> Result<Generation, InferError> {
+    let mut stream = tokenizer.stream(true);
+    let generation = generate(
+        model,
+        pool,
+        state,
+        prompt,
+        max_new,
+        sampler,
+        tokenizer.eos_token_ids(),
+        |id| {
+            if let Some(text) = stream.push(id)? {
+                on_text(&text)?;
+            }
+            Ok(true)
+        },
+    )?;
+    if let Some(rest) = stream.finish()? {
+        on_text(&rest)?;
+    }
+    Ok(generation)
 }

@@ -6,7 +6,8 @@
 //! prompts start with BOS, and the set of ids that end generation.
 //!
 //! [`TextStream`] turns a stream of generated ids into printable text pieces
-//! for streaming output; it never emits half a UTF-8 character.
+//! for streaming output (`tokenizers`' `DecodeStream`); it never emits half a
+//! UTF-8 character.
 
 /// Everything that can go wrong turning text into ids and back.
 #[derive(Debug, thiserror::Error)]
@@ -136,8 +137,12 @@ impl Tokenizer {
     /// post-processor's) is collapsed to one.
     ///
     /// Without `add_special` the text is tokenized as is (special tokens
-    /// written in the text are still recognised), which is what a rendered
-    /// chat template wants.
+    /// written in the text are still recognised): no BOS is added, and a
+    /// BOS the text itself holds stays, doubled or not. A rendered chat
+    /// template is encoded *with* `add_special` ([`crate::chat::Conversation`]),
+    /// so that it starts with exactly one BOS whether the template writes
+    /// `{{ bos_token }}` (Llama 3), relies on the tokenizer (BitNet 2B-4T's
+    /// writes none), or both.
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
         let enc = self
             .inner
@@ -235,96 +240,72 @@ impl Tokenizer {
     }
 }
 
-/// Incremental decoder for streaming generation.
-///
-/// Push ids one at a time; each call returns the newly printable text, if
-/// any. Text is only emitted once it does not end in U+FFFD, so a byte-level
-/// BPE token that carries half of a UTF-8 character is held back until the
-/// rest arrives. The tokens are decoded together with the previously emitted
-/// ones, so decoders that depend on context (SentencePiece's leading-space
-/// stripping) produce the same text as decoding everything at once.
+/// Incremental decoder for streaming generation: `tokenizers`' [`DecodeStream`], which
+/// decodes each new id together with the ones before it (so decoders that depend on
+/// context, SentencePiece's leading-space strip, give the same text as decoding
+/// everything at once) and emits text only once it does not end in U+FFFD, so a byte-level
+/// token that carries half of a UTF-8 character is held back until the rest arrives.
 ///
 /// Concatenating every returned piece plus [`TextStream::finish`] equals
 /// `decode(all_ids)` for the usual decoders.
-#[derive(Debug)]
+///
+/// [`DecodeStream`]: tokenizers::DecodeStream
 pub struct TextStream<'a> {
     tok: &'a Tokenizer,
+    inner: tokenizers::DecodeStream<
+        'a,
+        tokenizers::ModelWrapper,
+        tokenizers::NormalizerWrapper,
+        tokenizers::PreTokenizerWrapper,
+        tokenizers::PostProcessorWrapper,
+        tokenizers::DecoderWrapper,
+    >,
     skip_special_tokens: bool,
-    /// Ids not yet fully committed: `ids[..read]` is the context that was
-    /// already emitted, `ids[read..]` is pending.
-    ids: Vec<u32>,
-    read: usize,
-    /// `decode(ids[..read])`, i.e. the text of the context.
-    prefix_text: String,
+    /// Ids pushed since the last piece: what `finish` still owes.
+    pending: Vec<u32>,
+}
+
+impl std::fmt::Debug for TextStream<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TextStream")
+            .field("pending", &self.pending)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<'a> TextStream<'a> {
     fn new(tok: &'a Tokenizer, skip_special_tokens: bool) -> Self {
         Self {
             tok,
+            inner: tok.inner.decode_stream(skip_special_tokens),
             skip_special_tokens,
-            ids: Vec::new(),
-            read: 0,
-            prefix_text: String::new(),
+            pending: Vec::new(),
         }
     }
 
     /// Add one generated id; return the text it completes, if any.
     pub fn push(&mut self, id: u32) -> Result<Option<String>> {
         self.tok.check_ids(&[id])?;
-        self.ids.push(id);
-        let text = self
-            .tok
-            .decode_checked(&self.ids, self.skip_special_tokens)?;
-        if text.len() > self.prefix_text.len() && !text.ends_with('\u{FFFD}') {
-            let piece = new_suffix(&self.prefix_text, &text).to_owned();
-            // Keep only the latest emitted tokens as context for the next step.
-            self.ids.drain(..self.read);
-            self.read = self.ids.len();
-            self.prefix_text = self
-                .tok
-                .decode_checked(&self.ids, self.skip_special_tokens)?;
-            Ok(if piece.is_empty() { None } else { Some(piece) })
-        } else {
-            Ok(None)
+        let piece = self.inner.step(id).map_err(TokenizerError::Decode)?;
+        match piece {
+            Some(_) => self.pending.clear(),
+            None => self.pending.push(id),
         }
+        Ok(piece)
     }
 
     /// Flush whatever is pending at the end of generation, even if it ends in
     /// an incomplete character (which then shows as U+FFFD).
     pub fn finish(&mut self) -> Result<Option<String>> {
-        if self.ids.len() == self.read {
+        if self.pending.is_empty() {
             return Ok(None);
         }
         let text = self
             .tok
-            .decode_checked(&self.ids, self.skip_special_tokens)?;
-        let piece = new_suffix(&self.prefix_text, &text).to_owned();
-        self.ids.clear();
-        self.read = 0;
-        self.prefix_text.clear();
-        Ok(if piece.is_empty() { None } else { Some(piece) })
+            .decode_checked(&self.pending, self.skip_special_tokens)?;
+        self.pending.clear();
+        Ok(if text.is_empty() { None } else { Some(text) })
     }
-}
-
-/// The part of `text` after `prefix`. If `text` does not extend `prefix`
-/// (a decoder rewrote earlier text), emit from the end of the common prefix,
-/// cut at a character boundary.
-fn new_suffix<'t>(prefix: &str, text: &'t str) -> &'t str {
-    if let Some(rest) = text.strip_prefix(prefix) {
-        return rest;
-    }
-    let common = prefix
-        .char_indices()
-        .zip(text.chars())
-        .find(|((_, a), b)| a != b)
-        .map(|((i, _), _)| i)
-        .unwrap_or(prefix.len().min(text.len()));
-    let mut cut = common.min(text.len());
-    while !text.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    &text[cut..]
 }
 
 #[cfg(test)]
@@ -671,12 +652,5 @@ mod tests {
             }
         }
         assert_eq!(pieces, ["Hello", " world", " ", "é", "!"]);
-    }
-
-    #[test]
-    fn new_suffix_is_char_safe() {
-        assert_eq!(new_suffix("ab", "abc"), "c");
-        assert_eq!(new_suffix("aé", "aëx"), "ëx");
-        assert_eq!(new_suffix("", "x"), "x");
     }
 }

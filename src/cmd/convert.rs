@@ -3,7 +3,10 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Result};
 use tern_convert::{hub, ConvertError, Options, Overrides};
+use indicatif::BinaryBytes;
 use tern_format::{Activation, ScaleConvention};
+
+use super::args::{HeadArg, LayoutArg};
 
 /// How a stored `weight_scale` relates to the weights.
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -56,13 +59,12 @@ pub struct Args {
     /// Allow --weight-scale / --activation to contradict what the checkpoint declares
     #[arg(long)]
     allow_contradiction: bool,
-    /// Ternary layout: tq2 (2 bits/weight, fastest kernels) or tq1 (1.6 bits/weight)
-    #[arg(long, default_value = "tq2")]
-    layout: String,
-    /// Embeddings and head: exact (the source's floats) or q8 (int8 + f32 scale per row,
-    /// lossy; `tern verify --reference` shows the cost)
-    #[arg(long, default_value = "exact")]
-    head: String,
+    /// Ternary layout
+    #[arg(long, ignore_case = true, default_value = "tq2")]
+    layout: LayoutArg,
+    /// Embeddings and head (`tern verify --reference` shows what q8 costs)
+    #[arg(long, ignore_case = true, default_value = "exact")]
+    head: HeadArg,
     /// Treat warnings (all −1 or all-zero tensors, assumed config defaults) as errors
     #[arg(long)]
     strict: bool,
@@ -94,7 +96,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         activation: args.activation.map(Act::activation),
         allow_contradiction: args.allow_contradiction,
     };
-    let (ternary, head) = super::compact_options(&args.layout, &args.head)?;
+    let (ternary, head) = (args.layout.into(), args.head.into());
     let gguf_input = std::path::Path::new(&args.source);
     if gguf_input.is_file() && tern_convert::gguf::is_gguf(gguf_input) {
         return import_gguf(&args, ternary);
@@ -143,7 +145,8 @@ fn import_gguf(args: &Args, ternary: tern_convert::TernaryFormat) -> Result<Exit
         bail!("--i2s-layout {:?}: x86 or arm", args.i2s_layout);
     };
     let activation = args.activation.map(Act::activation);
-    if args.head != "exact" || args.weight_scale.is_some() || args.revision.is_some() {
+    let exact_head = matches!(head_format(args), tern_convert::HeadFormat::Exact);
+    if !exact_head || args.weight_scale.is_some() || args.revision.is_some() {
         bail!(
             "--head, --weight-scale and --revision apply to Hugging Face checkpoints, not GGUF files"
         );
@@ -181,7 +184,7 @@ fn print_report(args: &Args, report: &tern_convert::Report) -> Result<ExitCode> 
             report.family,
             report.output.display(),
             report.tensors,
-            super::human_bytes(report.output_bytes),
+            BinaryBytes(report.output_bytes),
             report.seconds,
         );
     }
@@ -209,4 +212,8 @@ fn verify_output(args: &Args, source: &std::path::Path) -> Result<Vec<String>> {
     })?;
     bar.finish_and_clear();
     Ok(report.failures)
+}
+
+fn head_format(args: &Args) -> tern_convert::HeadFormat {
+    args.head.into()
 }

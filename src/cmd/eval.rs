@@ -1,3 +1,4 @@
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -6,7 +7,7 @@ use tern_infer::eval::perplexity;
 use tern_infer::generate::tokenizer_from_file;
 use tern_infer::model::Model;
 
-use super::run::ModelArgs;
+use super::args::ModelArgs;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -50,9 +51,14 @@ pub fn run(args: Args) -> Result<ExitCode> {
     )?;
     bar.finish_and_clear();
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&result)?);
+        writeln!(
+            std::io::stdout(),
+            "{}",
+            serde_json::to_string_pretty(&result)?
+        )?;
     } else {
-        println!(
+        writeln!(
+            std::io::stdout(),
             "{}: perplexity {:.4} (mean NLL {:.5} nats) over {} tokens in {} windows of {}, {:.1} s ({:.0} tok/s)",
             args.ppl.display(),
             result.perplexity,
@@ -62,7 +68,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             result.window,
             result.seconds,
             result.tokens as f64 / result.seconds.max(1e-9)
-        );
+        )?;
     }
     Ok(ExitCode::SUCCESS)
 }

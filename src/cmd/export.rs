@@ -90,7 +90,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             report.architecture,
             report.ty.name(),
             report.tensors,
-            super::human_bytes(report.output_bytes),
+            indicatif::BinaryBytes(report.output_bytes),
             report.seconds
         );
     }

@@ -3,11 +3,12 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use serde_json::json;
-use tern_infer::generate::{generate, tokenizer_from_file};
+use tern_infer::generate::{generate_text, tokenizer_from_file, Generation, StopReason};
 use tern_infer::model::{Model, State};
 use tern_infer::sampling::Sampler;
+use tern_infer::InferError;
 
-use super::run::{ModelArgs, SamplingArgs};
+use super::args::{ModelArgs, SamplingArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -39,72 +40,88 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let mut state = State::new(&model, kernels, &pool, args.model.ctx(&file)?)?;
     let prompt = tokenizer.encode(&args.prompt, true)?;
 
-    let mut stream = tokenizer.stream(true);
     let mut stdout = std::io::stdout().lock();
     let streaming = !args.json;
     if streaming {
         write!(stdout, "{}", args.prompt)?;
         stdout.flush()?;
     }
-    let gen = generate(
+    let gen = generate_text(
         &model,
         &pool,
         &mut state,
+        &tokenizer,
         &prompt,
         args.max_tokens,
         &mut sampler,
-        tokenizer.eos_token_ids(),
-        |id| {
+        |text| {
             if streaming {
-                if let Some(text) = stream.push(id)? {
-                    write!(stdout, "{text}")
-                        .and_then(|_| stdout.flush())
-                        .map_err(|e| {
-                            tern_infer::InferError::Input(format!("writing output: {e}"))
-                        })?;
-                }
+                write!(stdout, "{text}")
+                    .and_then(|()| stdout.flush())
+                    .map_err(InferError::Output)?;
             }
-            Ok(true)
+            Ok(())
         },
     )?;
-    let text = tokenizer.decode(&gen.tokens, true)?;
     if args.json {
-        let doc = json!({
-            "prompt": args.prompt,
-            "prompt_ids": prompt,
-            "tokens": gen.tokens,
-            "text": text,
-            "stop": gen.stop,
-            "prompt_tokens": gen.prompt_tokens,
-            "generated_tokens": gen.tokens.len(),
-            "prompt_seconds": gen.prompt_seconds,
-            "decode_seconds": gen.decode_seconds,
-            "prompt_tokens_per_second": gen.prompt_tokens_per_second(),
-            "decode_tokens_per_second": gen.decode_tokens_per_second(),
-            "kernel": kernels.variant(),
-            "threads": pool.threads(),
-        });
+        let text = tokenizer.decode(&gen.tokens, true)?;
+        let doc = json_report(
+            &args.prompt,
+            &prompt,
+            &gen,
+            &text,
+            kernels.variant(),
+            pool.threads(),
+        );
         writeln!(stdout, "{}", serde_json::to_string_pretty(&doc)?)?;
     } else {
-        if let Some(rest) = stream.finish()? {
-            write!(stdout, "{rest}")?;
-        }
         writeln!(stdout)?;
-        if gen.stop == tern_infer::generate::StopReason::Context {
-            eprintln!(
-                "stopped: the context of {} tokens is full (raise --ctx)",
-                state.ctx
-            );
-        }
         eprintln!(
-            "prompt: {} tokens, {:.1} tok/s; decode: {} tokens, {:.1} tok/s ({}, {} threads)",
-            gen.prompt_tokens,
-            gen.prompt_tokens_per_second(),
-            gen.tokens.len(),
-            gen.decode_tokens_per_second(),
-            kernels.variant(),
-            pool.threads()
+            "{}",
+            summary(&gen, state.ctx, kernels.variant(), pool.threads())
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The `--json` document: tokens, text, stop reason, timings.
+fn json_report(
+    prompt: &str,
+    prompt_ids: &[u32],
+    gen: &Generation,
+    text: &str,
+    kernel: &str,
+    threads: usize,
+) -> serde_json::Value {
+    json!({
+        "prompt": prompt,
+        "prompt_ids": prompt_ids,
+        "tokens": gen.tokens,
+        "text": text,
+        "stop": gen.stop,
+        "prompt_tokens": gen.prompt_tokens,
+        "generated_tokens": gen.tokens.len(),
+        "prompt_seconds": gen.prompt_seconds,
+        "decode_seconds": gen.decode_seconds,
+        "prompt_tokens_per_second": gen.prompt_tokens_per_second(),
+        "decode_tokens_per_second": gen.decode_tokens_per_second(),
+        "kernel": kernel,
+        "threads": threads,
+    })
+}
+
+/// What a person sees on stderr after the text: why it stopped early, and the speeds.
+fn summary(gen: &Generation, ctx: usize, kernel: &str, threads: usize) -> String {
+    let stopped = if gen.stop == StopReason::Context {
+        format!("stopped: the context of {ctx} tokens is full (raise --ctx)\n")
+    } else {
+        String::new()
+    };
+    format!(
+        "{stopped}prompt: {} tokens, {:.1} tok/s; decode: {} tokens, {:.1} tok/s ({kernel}, {threads} threads)",
+        gen.prompt_tokens,
+        gen.prompt_tokens_per_second(),
+        gen.tokens.len(),
+        gen.decode_tokens_per_second(),
+    )
 }

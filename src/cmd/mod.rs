@@ -1,6 +1,7 @@
 //! One module per subcommand: argument parsing and presentation only; the work is done by
 //! the library crates.
 
+pub mod args;
 pub mod bench;
 pub mod chat;
 pub mod convert;
@@ -8,7 +9,6 @@ pub mod eval;
 pub mod export;
 pub mod generate;
 pub mod inspect;
-pub mod run;
 pub mod serve;
 pub mod synth;
 pub mod verify;
@@ -47,39 +47,4 @@ pub fn count_bar(quiet: bool, message: &str, steps: u64) -> ProgressBar {
     );
     bar.set_message(message.to_string());
     bar
-}
-
-/// Human-readable byte count.
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit + 1 < UNITS.len() {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.2} {}", UNITS[unit])
-    }
-}
-
-/// Parses `--layout` (tq2, tq1) and `--head` (exact, q8).
-pub fn compact_options(
-    layout: &str,
-    head: &str,
-) -> anyhow::Result<(tern_convert::TernaryFormat, tern_convert::HeadFormat)> {
-    use tern_convert::{HeadFormat, TernaryFormat};
-    let ternary = match layout.to_ascii_lowercase().as_str() {
-        "tq2" => TernaryFormat::Tq2,
-        "tq1" => TernaryFormat::Tq1,
-        other => anyhow::bail!("--layout {other:?}: tq2 or tq1"),
-    };
-    let head = match head.to_ascii_lowercase().as_str() {
-        "exact" => HeadFormat::Exact,
-        "q8" => HeadFormat::Q8,
-        other => anyhow::bail!("--head {other:?}: exact or q8"),
-    };
-    Ok((ternary, head))
 }

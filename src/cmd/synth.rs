@@ -1,26 +1,29 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
+use clap::ValueEnum;
 use tern_convert::synth::{synth_hf, synth_tern_with, HfFlavour, Preset};
+
+use super::args::{HeadArg, LayoutArg};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Shape: tiny, 2b4t (microsoft/bitnet-b1.58-2B-4T), llama3-8b-1.58, falcon3-1b-1.58
-    #[arg(long, default_value = "tiny")]
-    preset: String,
+    /// Shape
+    #[arg(long, ignore_case = true, default_value = "tiny")]
+    preset: PresetArg,
     /// Output: a .tern file, or with --hf a folder
     #[arg(short, long)]
     output: PathBuf,
     /// Write a Hugging Face checkpoint instead (packed or bf16), to benchmark `tern convert`
-    #[arg(long)]
-    hf: Option<String>,
-    /// Ternary layout of a .tern output: tq2 or tq1
-    #[arg(long, default_value = "tq2")]
-    layout: String,
-    /// Embeddings and head of a .tern output: exact (bf16) or q8
-    #[arg(long, default_value = "exact")]
-    head: String,
+    #[arg(long, ignore_case = true)]
+    hf: Option<HfArg>,
+    /// Ternary layout of a .tern output
+    #[arg(long, ignore_case = true, default_value = "tq2")]
+    layout: LayoutArg,
+    /// Embeddings and head of a .tern output
+    #[arg(long, ignore_case = true, default_value = "exact")]
+    head: HeadArg,
     /// Random seed
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -34,13 +37,7 @@ pub struct Args {
 
 /// Writes a random model of a real shape (noise weights) for benchmarks.
 pub fn run(args: Args) -> Result<ExitCode> {
-    let preset = Preset::parse(&args.preset).with_context(|| {
-        format!(
-            "unknown preset {:?}; one of: {}",
-            args.preset,
-            Preset::ALL.map(|p| p.name()).join(", ")
-        )
-    })?;
+    let preset = Preset::from(args.preset);
     if args.output.exists() && !args.force {
         bail!(
             "{}: already exists (pass --force to overwrite)",
@@ -52,20 +49,65 @@ pub fn run(args: Args) -> Result<ExitCode> {
         bar.set_length(total);
         bar.set_position(done);
     };
-    match args.hf.as_deref() {
-        None => {
-            let (ternary, head) = super::compact_options(&args.layout, &args.head)?;
-            synth_tern_with(preset, &args.output, args.seed, ternary, head, &progress)?
-        }
-        Some(kind) => {
-            let flavour = match kind {
-                "packed" => HfFlavour::Packed,
-                "bf16" => HfFlavour::Bf16,
-                other => bail!("--hf {other:?}: packed or bf16"),
-            };
-            synth_hf(preset, flavour, &args.output, args.seed, &progress)?
-        }
+    match args.hf {
+        None => synth_tern_with(
+            preset,
+            &args.output,
+            args.seed,
+            args.layout.into(),
+            args.head.into(),
+            &progress,
+        )?,
+        Some(flavour) => synth_hf(preset, flavour.into(), &args.output, args.seed, &progress)?,
     }
     bar.finish_and_clear();
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--preset`: the shape of a real model.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum PresetArg {
+    /// A few MB, for quick runs
+    #[value(name = "tiny")]
+    Tiny,
+    /// microsoft/bitnet-b1.58-2B-4T
+    #[value(name = "2b4t")]
+    Bitnet2b4t,
+    /// HF1BitLLM/Llama3-8B-1.58-100B-tokens
+    #[value(name = "llama3-8b-1.58")]
+    Llama3_8b,
+    /// tiiuae/Falcon3-1B-Instruct-1.58bit
+    #[value(name = "falcon3-1b-1.58")]
+    Falcon3_1b,
+}
+
+impl From<PresetArg> for Preset {
+    fn from(p: PresetArg) -> Preset {
+        match p {
+            PresetArg::Tiny => Preset::Tiny,
+            PresetArg::Bitnet2b4t => Preset::Bitnet2b4t,
+            PresetArg::Llama3_8b => Preset::Llama3_8b,
+            PresetArg::Falcon3_1b => Preset::Falcon3_1b,
+        }
+    }
+}
+
+/// `--hf`: the kind of Hugging Face checkpoint to write.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum HfArg {
+    /// Packed trits and a bf16 weight_scale (bitnet-b1.58-2B-4T)
+    #[value(name = "packed")]
+    Packed,
+    /// bf16 masters (bitnet-b1.58-2B-4T-bf16)
+    #[value(name = "bf16")]
+    Bf16,
+}
+
+impl From<HfArg> for HfFlavour {
+    fn from(h: HfArg) -> HfFlavour {
+        match h {
+            HfArg::Packed => HfFlavour::Packed,
+            HfArg::Bf16 => HfFlavour::Bf16,
+        }
+    }
 }

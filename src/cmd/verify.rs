@@ -7,7 +7,7 @@ use tern_convert::{compare::WeightComparison, hub};
 use tern_infer::verify::{Parity, Thresholds};
 use tern_verify::{verify, Options, Report};
 
-use super::run::ModelArgs;
+use super::args::ModelArgs;
 
 #[derive(clap::Args)]
 pub struct Args {

@@ -62,6 +62,27 @@ pub fn tern_fails(args: &[&str], code: i32) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// Runs `tern` with its stdout a pipe whose reader has gone away (as `tern … | head -c 1`
+/// after `head` exits): a closed stdout is a normal end, exit 0, nothing on stderr.
+pub fn tern_into_closed_pipe(args: &[&str]) {
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run tern");
+    // Close the read end before tern writes anything (it has a file to open first).
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait for tern");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !stderr.contains("error") && !stderr.contains("panicked"),
+        "tern {args:?} into a closed pipe: {:?}\n{stderr}",
+        out.status
+    );
+}
+
 /// Converts a fixture into `dir` and returns the .tern path.
 pub fn convert(name: &str, dir: &Path) -> PathBuf {
     convert_with(name, dir, &[], None)

@@ -1,8 +1,11 @@
-//! Options shared by the commands that run a model.
+//! Options shared by several commands: the model a command runs, sampling, and the
+//! named choices (`--layout`, `--head`, `--kernel`, ...) as clap value enums mapped to
+//! the libraries' types, which know no command line.
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
+use clap::ValueEnum;
 use tern_format::TernFile;
 use tern_infer::kernels::{Isa, Kernels};
 use tern_infer::pool::{physical_cores, Pool};
@@ -15,9 +18,9 @@ pub struct ModelArgs {
     /// Worker threads (default: physical cores; at most 4 × the CPUs, 1024)
     #[arg(short = 't', long, value_parser = parse_threads)]
     pub threads: Option<usize>,
-    /// Force a kernel: scalar, avx2, avx512, neon (default: best for this CPU, or $TERN_KERNEL)
-    #[arg(long)]
-    pub kernel: Option<String>,
+    /// Force a kernel (default: best for this CPU, or $TERN_KERNEL)
+    #[arg(long, ignore_case = true)]
+    pub kernel: Option<KernelArg>,
     /// Context length in tokens (default and maximum: the model's max positions)
     #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub ctx: Option<usize>,
@@ -29,13 +32,7 @@ impl ModelArgs {
     }
 
     pub fn kernels(&self) -> Result<Kernels> {
-        let forced = match &self.kernel {
-            None => None,
-            Some(name) => Some(Isa::parse(name).with_context(|| {
-                format!("unknown kernel {name:?}: scalar, avx2, avx512 or neon")
-            })?),
-        };
-        Ok(Kernels::select(forced)?)
+        Ok(Kernels::select(self.kernel.map(Isa::from))?)
     }
 
     pub fn pool(&self) -> Pool {
@@ -96,5 +93,69 @@ impl SamplingArgs {
         };
         p.validate()?;
         Ok(p)
+    }
+}
+
+/// `--kernel`: an instruction set.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum KernelArg {
+    #[value(name = "scalar")]
+    Scalar,
+    #[value(name = "avx2")]
+    Avx2,
+    #[value(name = "avx512")]
+    Avx512,
+    #[value(name = "neon")]
+    Neon,
+}
+
+impl From<KernelArg> for Isa {
+    fn from(k: KernelArg) -> Isa {
+        match k {
+            KernelArg::Scalar => Isa::Scalar,
+            KernelArg::Avx2 => Isa::Avx2,
+            KernelArg::Avx512 => Isa::Avx512,
+            KernelArg::Neon => Isa::Neon,
+        }
+    }
+}
+
+/// `--layout`: how ternary weights are stored.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LayoutArg {
+    /// 2 bits per weight, the fastest kernels
+    #[value(name = "tq2")]
+    Tq2,
+    /// 1.6 bits per weight
+    #[value(name = "tq1")]
+    Tq1,
+}
+
+impl From<LayoutArg> for tern_convert::TernaryFormat {
+    fn from(l: LayoutArg) -> Self {
+        match l {
+            LayoutArg::Tq2 => Self::Tq2,
+            LayoutArg::Tq1 => Self::Tq1,
+        }
+    }
+}
+
+/// `--head`: how the embeddings and the output head are stored.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum HeadArg {
+    /// The source's floats, bit for bit
+    #[value(name = "exact")]
+    Exact,
+    /// int8 with one f32 scale per row: about half of bf16, lossy
+    #[value(name = "q8")]
+    Q8,
+}
+
+impl From<HeadArg> for tern_convert::HeadFormat {
+    fn from(h: HeadArg) -> Self {
+        match h {
+            HeadArg::Exact => Self::Exact,
+            HeadArg::Q8 => Self::Q8,
+        }
     }
 }
