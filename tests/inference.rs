@@ -378,7 +378,7 @@ fn conversation_matches_a_fresh_state(path: &std::path::Path, kernels: Kernels) 
     let pool = Pool::new(2);
     let tokenizer = tokenizer_from_file(&file).unwrap();
     let template = ChatTemplate::for_file(&file, &tokenizer).unwrap();
-    let state = State::new(&model, kernels, &pool, 256);
+    let state = State::new(&model, kernels, &pool, 256).unwrap();
     let mut chat = Conversation::new(template, &tokenizer, state, Some("Be brief."));
     let mut sampler = Sampler::new(SamplingParams::greedy());
     let mut say = |chat: &mut Conversation, text: &str| {
@@ -406,7 +406,7 @@ fn conversation_matches_a_fresh_state(path: &std::path::Path, kernels: Kernels) 
 
     // A fresh state fed the same tokens in the same pieces (first prompt, first reply token
     // by token, the rest of the second prompt, second reply token by token)...
-    let mut same = State::new(&model, kernels, &pool, 256);
+    let mut same = State::new(&model, kernels, &pool, 256).unwrap();
     let second_prompt_end = keep + second.generation.prompt_tokens;
     let mut pieces: Vec<&[u32]> = vec![&cached[..p1]];
     pieces.extend(cached[p1..keep].chunks(1));
@@ -420,7 +420,7 @@ fn conversation_matches_a_fresh_state(path: &std::path::Path, kernels: Kernels) 
     // ...and one fed the whole conversation at once. Both are bit-identical to the reused
     // state (measured, every kernel here): each token's quantization, integer products,
     // norms and attention over the cache do not depend on how tokens are grouped.
-    let mut once = State::new(&model, kernels, &pool, 256);
+    let mut once = State::new(&model, kernels, &pool, 256).unwrap();
     model
         .forward(&pool, &mut once, &cached, Logits::Last, &mut NoProbe)
         .unwrap();
@@ -463,7 +463,7 @@ fn chat_answers_each_line_of_a_pipe() {
     let pool = Pool::new(2);
     let tokenizer = tokenizer_from_file(&file).unwrap();
     let template = ChatTemplate::for_file(&file, &tokenizer).unwrap();
-    let state = State::new(&model, *Kernels::best(), &pool, 4096);
+    let state = State::new(&model, *Kernels::best(), &pool, 4096).unwrap();
     let mut chat = Conversation::new(template, &tokenizer, state, None);
     let mut sampler = Sampler::new(SamplingParams::greedy());
     let mut want = String::new();

@@ -25,7 +25,7 @@ pub struct Args {
     #[arg(short = 'n', long, default_value_t = 128, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     decode: usize,
     /// Thread counts to measure, comma-separated (default: physical cores)
-    #[arg(short = 't', long, value_delimiter = ',', value_parser = super::run::parse_threads)]
+    #[arg(short = 't', long, value_delimiter = ',', value_parser = super::args::parse_threads)]
     threads: Vec<usize>,
     /// Context lengths at which decode is measured
     #[arg(long, value_delimiter = ',', default_values_t = [128usize, 1024, 4096],

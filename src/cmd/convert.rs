@@ -2,8 +2,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Result};
-use tern_convert::{hub, ConvertError, Options, Overrides};
 use indicatif::BinaryBytes;
+use tern_convert::{hub, ConvertError, Options, Overrides};
 use tern_format::{Activation, ScaleConvention};
 
 use super::args::{HeadArg, LayoutArg};

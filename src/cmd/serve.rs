@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::Result;
 use tern_infer::pool::physical_cores;
 
-use super::run::ModelArgs;
+use super::args::ModelArgs;
 
 #[derive(clap::Args)]
 pub struct Args {
