@@ -15,6 +15,10 @@ pub enum TokenizerError {
     /// The bytes are not a `tokenizer.json` that `tokenizers` can load.
     #[error("invalid tokenizer.json: {0}")]
     InvalidTokenizerJson(#[source] tokenizers::Error),
+    /// The `tokenizers` library panicked while loading the bytes (it does on some malformed
+    /// decoders); the panic is caught and reported as a refusal.
+    #[error("invalid tokenizer.json: the tokenizers library cannot load it (it panicked)")]
+    TokenizerPanicked,
     /// A configured special id (BOS or an EOS) is not in the vocabulary.
     #[error("{what} token id {id} is not in the tokenizer's vocabulary (size {vocab_size})")]
     SpecialIdOutOfVocab {
@@ -87,7 +91,10 @@ impl Tokenizer {
     /// Checks that BOS and every EOS id are tokens of the vocabulary, and
     /// works out once whether the post-processor prepends BOS by itself.
     pub fn from_bytes(bytes: &[u8], opts: TokenizerOptions) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_bytes(bytes)
+        // tokenizers 0.22 panics on some malformed decoders (`expect("Helper")`, found by
+        // fuzzing convert's config loading): bad bytes in a file must be an error.
+        let inner = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(bytes))
+            .map_err(|_| TokenizerError::TokenizerPanicked)?
             .map_err(TokenizerError::InvalidTokenizerJson)?;
         let vocab_size = inner.get_vocab_size(true);
         let check = |what: &'static str, id: u32| {
@@ -476,6 +483,13 @@ mod tests {
                       "vocab": vocab, "merges": merges}
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn a_tokenizer_json_that_makes_the_library_panic_is_an_error() {
+        let bytes = include_bytes!("../../fixtures/hostile/tokenizer-decoder-panic.json");
+        let err = Tokenizer::from_bytes(bytes, TokenizerOptions::default()).unwrap_err();
+        assert!(matches!(err, TokenizerError::TokenizerPanicked), "{err}");
     }
 
     #[test]
