@@ -488,3 +488,32 @@ fn damaged_layers_are_named() {
         assert!(f.contains(want), "{name}: {f}");
     }
 }
+
+#[test]
+fn two_tensors_with_their_scales_swapped_fail_naming_both() {
+    // Every tensor of the fixtures has its own scale (fixtures/README.md), so a swap between
+    // two tensors is visible to the exact comparison and to the layer-local one.
+    let dir = tempfile::tempdir().unwrap();
+    let path = convert("bitnet-2b4t-h64", dir.path());
+    let (q, k) = (
+        "model.layers.1.self_attn.q_proj.weight",
+        "model.layers.1.mlp.up_proj.weight",
+    );
+    rewrite(&path, |_, t| {
+        let (i, j) = (ternary_index(t, q), ternary_index(t, k));
+        assert_ne!(t[i].scale, t[j].scale);
+        let s = t[i].scale;
+        t[i].scale = t[j].scale;
+        t[j].scale = s;
+    });
+    let (code, doc) = verify(&path, "bitnet-2b4t-h64", &[]);
+    assert_eq!(code, 1);
+    assert_eq!(doc["source"]["scale_mismatches"], 2, "{doc}");
+    let named = doc["source"]["first_mismatches"].to_string();
+    assert!(named.contains(q) && named.contains(k), "{named}");
+    let f = failures(&doc);
+    assert!(
+        f.contains("layer 1"),
+        "the layer-local check names the layer: {f}"
+    );
+}

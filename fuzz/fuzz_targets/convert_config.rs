@@ -1,6 +1,6 @@
 //! convert's loading of config.json and tokenizer.json: the input is split at its first
 //! 0xff byte into the two files, written into a checkpoint folder with an empty
-//! safetensors file, and prepared (config normalization, family detection, tokenizer
+//! safetensors file, and prepared (config normalization, the checkpoint axes, tokenizer
 //! loading). Any result but a panic is fine.
 //! Run: `cargo +nightly fuzz run convert_config corpus/convert_config`.
 #![no_main]
@@ -32,5 +32,5 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     } else {
         std::fs::write(&tokenizer_path, &tokenizer[1..]).unwrap();
     }
-    let _ = tern_convert::prepare(dir, None);
+    let _ = tern_convert::prepare(dir, &tern_convert::Overrides::default());
 });
