@@ -118,6 +118,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
         ConvertError::Contradiction { .. } => {
             anyhow::anyhow!("{e} (pass --allow-contradiction to convert anyway)")
         }
+        ConvertError::OutputExists(_) => anyhow::anyhow!("{e} (pass --force to overwrite)"),
+        ConvertError::Strict(_) => anyhow::anyhow!("{e}\n(--strict is on)"),
         e => e.into(),
     })?;
     bar.finish_and_clear();

@@ -142,7 +142,7 @@ fn print_check(out: &mut impl Write, r: &Report) -> Result<()> {
     if check.ok {
         writeln!(
             out,
-            "check: all {} checksums and all ternary codes are valid (checksums at {:.1} GB/s)",
+            "check: all {} checksums, all ternary codes and all float values are valid (checksums at {:.1} GB/s)",
             s.tensors, check.checksum_gb_per_s
         )?;
     }
