@@ -497,13 +497,19 @@ fn sigterm_shuts_down_cleanly() {
         .status()
         .unwrap()
         .success());
-    let mut code = None;
-    for _ in 0..100 {
+    // Generous: CI machines are loaded; a clean exit is what is tested, not its speed.
+    let mut status = None;
+    for _ in 0..600 {
         if let Some(s) = server.child.try_wait().unwrap() {
-            code = s.code();
+            status = Some(s);
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(code, Some(0), "tern serve exits 0 on SIGTERM");
+    let status = status.expect("tern serve still running 30 s after SIGTERM");
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "tern serve exits 0 on SIGTERM: {status:?}"
+    );
 }

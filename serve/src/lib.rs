@@ -167,6 +167,7 @@ fn run_http(
         let listener = tokio::net::TcpListener::bind(&addr)
             .await
             .map_err(io(&format!("binding {addr}")))?;
+        let signal = shutdown_signal().map_err(io("installing the signal handlers"))?;
         on_listen(
             listener
                 .local_addr()
@@ -174,7 +175,7 @@ fn run_http(
         );
         axum::serve(listener, api::router(app))
             .with_graceful_shutdown(async move {
-                shutdown_signal().await;
+                signal.await;
                 stats
                     .draining
                     .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -184,24 +185,26 @@ fn run_http(
     })
 }
 
-/// Resolves on SIGINT (Ctrl-C) or, on Unix, SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Installs the SIGINT and (on Unix) SIGTERM handlers now, so that a signal arriving
+/// as soon as the address is announced is not missed, and returns a future that
+/// resolves on the first of them.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        let mut terminate = signal(SignalKind::terminate())?;
+        Ok(async move {
+            tokio::select! {
+                _ = interrupt.recv() => {},
+                _ = terminate.recv() => {},
             }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
+        })
+    }
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
+    {
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
     }
 }
