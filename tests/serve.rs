@@ -378,6 +378,62 @@ fn greedy_completion_equals_tern_generate_and_concurrent_requests_match_alone() 
 }
 
 #[test]
+fn long_prompts_prefilled_between_decode_steps_match_alone() {
+    // Prompts of several prefill chunks join while another sequence decodes: the engine
+    // prefills them a chunk at a time between that sequence's steps. Every answer must be
+    // what the same request gets alone.
+    let dir = tempfile::tempdir().unwrap();
+    let path = default_model(dir.path());
+    // A context and budget long enough that the first stream cannot end during the test.
+    let server = Server::start(
+        &path,
+        &["--parallel", "3", "--ctx", "50000", "--max-tokens", "50000"],
+    );
+    let long = |topic: &str| {
+        format!("The little dog ran to the {topic} and saw a big red ball there. ").repeat(24)
+    };
+    let prompts = [long("park"), long("river")];
+    let request = |p: &str, n: usize, stream: bool| json!({"prompt": p, "max_tokens": n, "temperature": 0.0, "stream": stream});
+    let alone: Vec<Value> = prompts
+        .iter()
+        .map(|p| {
+            let (status, doc) = server.post("/v1/completions", &request(p, 24, false));
+            assert_eq!(status, 200, "{doc}");
+            assert!(
+                doc["usage"]["prompt_tokens"].as_u64().unwrap() > 128,
+                "{doc}"
+            );
+            doc
+        })
+        .collect();
+    // A stream that decodes for the whole test; the long prompts arrive once it has begun.
+    let body = request("Once upon a time", 50_000, true).to_string();
+    let mut s = server.connect();
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut head = [0u8; 64];
+    let n = s.read(&mut head).unwrap();
+    assert!(String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 200"));
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = prompts
+            .iter()
+            .map(|p| scope.spawn(|| server.post("/v1/completions", &request(p, 24, false))))
+            .collect();
+        for (h, want) in handles.into_iter().zip(&alone) {
+            let (status, doc) = h.join().unwrap();
+            assert_eq!(status, 200, "{doc}");
+            assert_eq!(doc["choices"][0]["text"], want["choices"][0]["text"]);
+        }
+    });
+    drop(s);
+}
+
+#[test]
 fn malformed_requests_get_openai_errors() {
     let dir = tempfile::tempdir().unwrap();
     let path = default_model(dir.path());

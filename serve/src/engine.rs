@@ -2,8 +2,10 @@
 //! and advances every active sequence together, one batched decode step at a time.
 //!
 //! Requests arrive on a channel; a waiting request takes the first free slot between two
-//! steps (its prompt is prefilled alone, then it joins the batch), and a finished or
-//! abandoned one leaves it. Tokens go back on each request's own unbounded channel, which
+//! steps, and a finished or abandoned one leaves it. A prompt is prefilled alone, in
+//! chunks of [`PREFILL_CHUNK`] tokens: while other sequences are decoding, one chunk runs
+//! between two of their steps, so a long prompt delays their next token by one chunk, not
+//! by the whole prompt; with nobody decoding it runs at once. Then it joins the batch. Tokens go back on each request's own unbounded channel, which
 //! holds at most `max_tokens` events, so a slow reader never blocks the step; a request
 //! whose receiver was dropped (the client went away) is dropped before the next step.
 
@@ -14,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tern_infer::batch::Batch;
-use tern_infer::model::{Logits, Model, State};
+use tern_infer::model::{Logits, Model, State, PREFILL_CHUNK};
 use tern_infer::pool::Pool;
 use tern_infer::reference::NoProbe;
 use tern_infer::sampling::{Sampler, SamplingParams};
@@ -76,6 +78,14 @@ struct Active {
     generated: usize,
     /// The token to feed at the next step.
     next: u32,
+    /// Prompt tokens already in the cache: the sequence decodes once all are.
+    prefilled: usize,
+}
+
+impl Active {
+    fn prefilling(&self) -> bool {
+        self.prefilled < self.job.prompt.len()
+    }
 }
 
 /// Runs until `jobs` is closed and every sequence has ended.
@@ -123,7 +133,7 @@ pub fn run(
         }
         waiting.retain(|j| !j.events.is_closed());
 
-        // Admit waiting requests into free slots: prefill alone, sample the first token.
+        // Admit waiting requests into free slots; their prompts are prefilled below.
         for (slot, state) in slots.iter_mut().zip(states.iter_mut()) {
             if slot.is_some() {
                 continue;
@@ -131,21 +141,47 @@ pub fn run(
             let Some(job) = waiting.pop_front() else {
                 break;
             };
-            state.reset();
-            let _ = job.events.send(Event::Started);
-            if let Err(e) = model.forward(pool, state, &job.prompt, Logits::Last, &mut NoProbe) {
-                let _ = job.events.send(Event::Error(e.to_string()));
+            if job.prompt.is_empty() {
+                let _ = job.events.send(Event::Error("the prompt is empty".into()));
                 continue;
             }
-            let mut active = Active {
+            state.reset();
+            let _ = job.events.send(Event::Started);
+            *slot = Some(Active {
                 sampler: Sampler::new(job.params),
                 history: job.prompt.clone(),
                 generated: 0,
                 next: 0,
+                prefilled: 0,
                 job,
+            });
+        }
+
+        // Prefill: everything at once while nobody decodes, else one chunk between steps.
+        let decoding = slots.iter().flatten().any(|a| !a.prefilling());
+        let mut budget = if decoding { PREFILL_CHUNK } else { usize::MAX };
+        for (slot, state) in slots.iter_mut().zip(states.iter_mut()) {
+            let Some(a) = slot.as_mut().filter(|a| a.prefilling()) else {
+                continue;
             };
-            if advance(&mut active, state, vocab) {
-                *slot = Some(active);
+            if budget == 0 {
+                break;
+            }
+            if a.job.events.is_closed() {
+                *slot = None;
+                continue;
+            }
+            let end = a.job.prompt.len().min(a.prefilled.saturating_add(budget));
+            let chunk = &a.job.prompt[a.prefilled..end];
+            budget -= chunk.len();
+            if let Err(e) = model.forward(pool, state, chunk, Logits::Last, &mut NoProbe) {
+                let _ = a.job.events.send(Event::Error(e.to_string()));
+                *slot = None;
+                continue;
+            }
+            a.prefilled = end;
+            if !a.prefilling() && !advance(a, state, vocab) {
+                *slot = None;
             }
         }
 
@@ -154,7 +190,7 @@ pub fn run(
         let mut tokens = Vec::new();
         let mut members = Vec::new();
         for (i, (slot, state)) in slots.iter_mut().zip(states.iter_mut()).enumerate() {
-            if let Some(a) = slot {
+            if let Some(a) = slot.as_ref().filter(|a| !a.prefilling()) {
                 if a.job.events.is_closed() {
                     *slot = None; // the client went away: free the slot now
                     continue;
@@ -164,7 +200,9 @@ pub fn run(
                 members.push(i);
             }
         }
-        stats.active.store(members.len(), Ordering::Relaxed);
+        stats
+            .active
+            .store(slots.iter().flatten().count(), Ordering::Relaxed);
         stats.waiting.store(waiting.len(), Ordering::Relaxed);
         if members.is_empty() {
             continue;
