@@ -98,6 +98,17 @@ impl Preset {
 struct Noise(u64);
 
 impl Noise {
+    /// A distinct stream for every seed: splitmix64's finalizer is a bijection of u64 (the
+    /// old `seed | 1` made seeds 2k and 2k + 1 the same model), and xorshift's state must
+    /// not be 0.
+    fn new(seed: u64) -> Noise {
+        let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        Noise(if z == 0 { 0x9E37_79B9_7F4A_7C15 } else { z })
+    }
+
     fn next(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
@@ -226,7 +237,7 @@ pub fn synth_tern_with(
         .map(|s| s.layout.byte_len(&s.shape).unwrap_or(0))
         .sum();
     let mut writer = Writer::create(path, &metadata(preset, config), &tokenizer, specs.clone())?;
-    let mut noise = Noise(seed | 1);
+    let mut noise = Noise::new(seed);
     let mut done = 0;
     for (spec, (_, shape, role)) in specs.iter().zip(&plan) {
         match role {
@@ -398,7 +409,7 @@ pub fn synth_hf(
     out.write_all(&(header.len() as u64).to_le_bytes())
         .map_err(io(&path))?;
     out.write_all(&header).map_err(io(&path))?;
-    let mut noise = Noise(seed | 1);
+    let mut noise = Noise::new(seed);
     let (mut done, total) = (0u64, offset);
     let mut buf = Vec::with_capacity(8 << 20);
     for (name, dtype, shape, role) in &tensors {
@@ -434,4 +445,21 @@ pub fn synth_hf(
     }
     out.flush().map_err(io(&path))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Noise;
+
+    #[test]
+    fn every_seed_is_its_own_model() {
+        let firsts: std::collections::BTreeSet<Vec<u64>> = (0..256u64)
+            .chain([u64::MAX, u64::MAX - 1, 1 << 63])
+            .map(|seed| {
+                let mut n = Noise::new(seed);
+                (0..4).map(|_| n.next()).collect()
+            })
+            .collect();
+        assert_eq!(firsts.len(), 259);
+    }
 }
