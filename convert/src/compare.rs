@@ -7,6 +7,7 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
+use rayon::prelude::*;
 use serde::Serialize;
 use serde_json::Value;
 use tern_format::{q8row, Layout, ScaleConvention, TernFile};
@@ -75,6 +76,23 @@ impl WeightComparison {
             self.first_mismatches.push(m);
         }
     }
+
+    /// Adds the counts and findings of `other` (a later tensor's) to these.
+    fn absorb(&mut self, other: WeightComparison) {
+        self.tensors += other.tensors;
+        self.trits_compared += other.trits_compared;
+        self.trit_mismatches += other.trit_mismatches;
+        self.scales_compared += other.scales_compared;
+        self.scale_mismatches += other.scale_mismatches;
+        self.float_values_compared += other.float_values_compared;
+        self.float_mismatches += other.float_mismatches;
+        self.quantized.extend(other.quantized);
+        self.config_mismatches.extend(other.config_mismatches);
+        for m in other.first_mismatches {
+            self.record(m);
+        }
+        self.warnings.extend(other.warnings);
+    }
 }
 
 /// How the checkpoint itself says `weight_scale` relates to the weights, and the field that
@@ -136,48 +154,19 @@ pub fn compare_with_source(file: &TernFile, source: &Path) -> Result<WeightCompa
         }
         None => used,
     };
+    // Tensors are independent: compare them in parallel (rayon's pool, one tensor per
+    // worker at a time, so memory stays a few tensors), and merge in file order so the
+    // report does not depend on scheduling.
+    let tensors: Vec<_> = file.tensors().iter().collect();
+    let per_tensor: Vec<Result<(WeightComparison, Vec<String>)>> = tensors
+        .par_iter()
+        .map(|t| compare_tensor(&ck, file, t, convention))
+        .collect();
     let mut seen = BTreeSet::new();
-    for t in file.tensors() {
-        cmp.tensors += 1;
-        let Some(src) = source_of(&ck, &t.name) else {
-            cmp.float_mismatches += 1;
-            cmp.record(Mismatch {
-                tensor: t.name.clone(),
-                index: vec![],
-                expected: "absent (the source has no such tensor)".into(),
-                found: "present".into(),
-            });
-            continue;
-        };
-        seen.insert(src.name.clone());
-        let data = ck.read(src)?;
-        let module = t.name.trim_end_matches(".weight").trim_end_matches(".bias");
-        let ws_name = format!("{module}.weight_scale");
-        let ws = match ck.get(&ws_name) {
-            Some(w) => {
-                seen.insert(w.name.clone());
-                let v = to_f32(&ck.read(w)?, w.dtype).map_err(|e| ck.tensor_error(w, e))?;
-                Some(v.first().copied().unwrap_or(f32::NAN))
-            }
-            None => None,
-        };
-        if t.layout.is_some_and(|l| l.is_ternary()) {
-            compare_ternary(&ck, file, t, src, &data, ws, convention, &mut cmp)?;
-        } else if t.name.ends_with(".bias") {
-            // transformers' offline AutoBitLinear scales the bias with the output.
-            let factor = match convention {
-                ScaleConvention::Multiply => ws.unwrap_or(1.0),
-                _ => 1.0,
-            };
-            let want: Vec<u8> = to_f32(&data, src.dtype)
-                .map_err(|e| ck.tensor_error(src, e))?
-                .iter()
-                .flat_map(|b| (b * factor).to_le_bytes())
-                .collect();
-            compare_float(file, t, &want, safetensors::Dtype::F32, &mut cmp);
-        } else {
-            compare_float(file, t, &data, src.dtype, &mut cmp);
-        }
+    for r in per_tensor {
+        let (c, names) = r?;
+        cmp.absorb(c);
+        seen.extend(names);
     }
     // Everything the source holds must be in the file.
     for name in ck.tensors.keys() {
@@ -195,6 +184,60 @@ pub fn compare_with_source(file: &TernFile, source: &Path) -> Result<WeightCompa
         }
     }
     Ok(cmp)
+}
+
+/// One tensor of the file against its source; also returns the source tensors it used.
+fn compare_tensor(
+    ck: &Checkpoint,
+    file: &TernFile,
+    t: &tern_format::TensorInfo,
+    convention: ScaleConvention,
+) -> Result<(WeightComparison, Vec<String>)> {
+    let mut cmp = WeightComparison {
+        tensors: 1,
+        ..Default::default()
+    };
+    let mut seen = Vec::new();
+    let Some(src) = source_of(ck, &t.name) else {
+        cmp.float_mismatches += 1;
+        cmp.record(Mismatch {
+            tensor: t.name.clone(),
+            index: vec![],
+            expected: "absent (the source has no such tensor)".into(),
+            found: "present".into(),
+        });
+        return Ok((cmp, seen));
+    };
+    seen.push(src.name.clone());
+    let data = ck.read(src)?;
+    let module = t.name.trim_end_matches(".weight").trim_end_matches(".bias");
+    let ws_name = format!("{module}.weight_scale");
+    let ws = match ck.get(&ws_name) {
+        Some(w) => {
+            seen.push(w.name.clone());
+            let v = to_f32(&ck.read(w)?, w.dtype).map_err(|e| ck.tensor_error(w, e))?;
+            Some(v.first().copied().unwrap_or(f32::NAN))
+        }
+        None => None,
+    };
+    if t.layout.is_some_and(|l| l.is_ternary()) {
+        compare_ternary(ck, file, t, src, &data, ws, convention, &mut cmp)?;
+    } else if t.name.ends_with(".bias") {
+        // transformers' offline AutoBitLinear scales the bias with the output.
+        let factor = match convention {
+            ScaleConvention::Multiply => ws.unwrap_or(1.0),
+            _ => 1.0,
+        };
+        let want: Vec<u8> = to_f32(&data, src.dtype)
+            .map_err(|e| ck.tensor_error(src, e))?
+            .iter()
+            .flat_map(|b| (b * factor).to_le_bytes())
+            .collect();
+        compare_float(file, t, &want, safetensors::Dtype::F32, &mut cmp);
+    } else {
+        compare_float(file, t, &data, src.dtype, &mut cmp);
+    }
+    Ok((cmp, seen))
 }
 
 /// The file's config against the source's config.json, read without overrides.
