@@ -43,6 +43,7 @@ macro_rules! const_count {
 }
 
 pub mod attention;
+pub mod exact;
 pub mod scalar;
 
 pub use attention::AttendShape;
