@@ -454,64 +454,28 @@ pub fn export(
         path: tmp.clone(),
         source: e,
     };
-    let mut out = TempFile {
-        path: tmp.clone(),
-        writer: Some(BufWriter::with_capacity(
-            1 << 20,
-            File::create(&tmp).map_err(io)?,
-        )),
-    };
-    out.write(&header).map_err(io)?;
-    let total: u64 = plan.iter().map(|p| p.byte_len).sum();
-    let mut pos = 0u64;
-    for p in &plan {
-        out.write(&vec![0u8; (p.offset - pos) as usize])
-            .map_err(io)?;
-        let (rows, cols) = (p.ne.get(1).copied().unwrap_or(1) as usize, p.ne[0] as usize);
-        let mut written = 0u64;
-        if p.role == TensorRole::Ternary {
-            let (mut tq2, scale) = source.ternary(&p.name, rows, cols)?;
-            if arch == "llama"
-                && (p.name.ends_with("q_proj.weight") || p.name.ends_with("k_proj.weight"))
-            {
-                // llama.cpp's converter permutes Q/K rows for its interleaved RoPE.
-                let hf = tq2.clone();
-                let (hd, rb) = (c.head_dim as usize, tq2.len() / rows.max(1));
-                for r in 0..rows {
-                    let g = permuted_row(r, hd);
-                    tq2[g * rb..(g + 1) * rb].copy_from_slice(&hf[r * rb..(r + 1) * rb]);
-                }
+    let mut out = TempFile { path: tmp.clone() };
+    let mut file = BufWriter::with_capacity(1 << 20, File::create(&tmp).map_err(io)?);
+    // Reading and converting overlap with writing: a writer thread takes the pieces in order
+    // (two in flight, so memory stays a few tensors' worth).
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(2);
+    let produced = std::thread::scope(|scope| {
+        let writer = scope.spawn(move || -> std::io::Result<BufWriter<File>> {
+            for piece in rx {
+                file.write_all(&piece)?;
             }
-            let bytes =
-                ternary_bytes(&tq2, cols, scale, options).map_err(|e| source.error(&p.name, e))?;
-            out.write(&bytes).map_err(io)?;
-            written = bytes.len() as u64;
-        } else {
-            let mut bytes = Vec::new();
-            source.float_rows(&p.name, cols, &mut |values| {
-                bytes.clear();
-                float_bytes(values, p.ty, &mut bytes).map_err(|(i, v)| {
-                    let e = written / (p.byte_len / p.ne.iter().product::<u64>()) + i as u64;
-                    source.error(
-                        &p.name,
-                        format!("value {v:e} (element {e}) overflows F16 (use --exact-embeddings)"),
-                    )
-                })?;
-                out.write(&bytes).map_err(io)?;
-                written += bytes.len() as u64;
-                Ok(())
-            })?;
-        }
-        if written != p.byte_len {
-            return Err(source.error(
-                &p.name,
-                format!("{written} bytes written, {} expected", p.byte_len),
-            ));
-        }
-        pos = p.offset + written;
-        progress(pos, total);
-    }
-    let writer = out.writer.take().expect("open");
+            Ok(file)
+        });
+        let produced = write_tensors(source, &plan, arch, options, header, &tx, progress);
+        drop(tx);
+        let written = writer.join().expect("the writer thread does not panic");
+        (produced, written)
+    });
+    let writer = match produced {
+        (_, Err(e)) => return Err(io(e)),
+        (Err(e), _) => return Err(e),
+        (Ok(()), Ok(w)) => w,
+    };
     let f = writer.into_inner().map_err(|e| io(e.into_error()))?;
     f.sync_all().map_err(io)?;
     drop(f);
@@ -528,6 +492,67 @@ pub fn export(
         seconds: start.elapsed().as_secs_f64(),
         warnings,
     })
+}
+
+/// Sends the header and then every tensor's bytes, in file order, to the writer.
+fn write_tensors(
+    source: &ExportSource,
+    plan: &[Planned],
+    arch: &str,
+    options: &ExportOptions,
+    header: Vec<u8>,
+    tx: &std::sync::mpsc::SyncSender<Vec<u8>>,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<()> {
+    let send = |bytes: Vec<u8>| tx.send(bytes).map_err(|_| ConvertError::WriterStopped);
+    send(header)?;
+    let total: u64 = plan.iter().map(|p| p.byte_len).sum();
+    let mut pos = 0u64;
+    for p in plan {
+        send(vec![0u8; (p.offset - pos) as usize])?;
+        let (rows, cols) = (p.ne.get(1).copied().unwrap_or(1) as usize, p.ne[0] as usize);
+        let mut written = 0u64;
+        if p.role == TensorRole::Ternary {
+            let (mut tq2, scale) = source.ternary(&p.name, rows, cols)?;
+            if arch == "llama"
+                && (p.name.ends_with("q_proj.weight") || p.name.ends_with("k_proj.weight"))
+            {
+                // llama.cpp's converter permutes Q/K rows for its interleaved RoPE.
+                let hf = tq2.clone();
+                let (hd, rb) = (source.config().head_dim as usize, tq2.len() / rows.max(1));
+                for r in 0..rows {
+                    let g = permuted_row(r, hd);
+                    tq2[g * rb..(g + 1) * rb].copy_from_slice(&hf[r * rb..(r + 1) * rb]);
+                }
+            }
+            let bytes =
+                ternary_bytes(&tq2, cols, scale, options).map_err(|e| source.error(&p.name, e))?;
+            written = bytes.len() as u64;
+            send(bytes)?;
+        } else {
+            source.float_rows(&p.name, cols, &mut |values| {
+                let mut bytes = Vec::with_capacity(values.len() * 4);
+                float_bytes(values, p.ty, &mut bytes).map_err(|(i, v)| {
+                    let e = written / (p.byte_len / p.ne.iter().product::<u64>()) + i as u64;
+                    source.error(
+                        &p.name,
+                        format!("value {v:e} (element {e}) overflows F16 (use --exact-embeddings)"),
+                    )
+                })?;
+                written += bytes.len() as u64;
+                send(bytes)
+            })?;
+        }
+        if written != p.byte_len {
+            return Err(source.error(
+                &p.name,
+                format!("{written} bytes written, {} expected", p.byte_len),
+            ));
+        }
+        pos = p.offset + written;
+        progress(pos, total);
+    }
+    Ok(())
 }
 
 /// The metadata pairs of the engine that reads `ty`, in its converter's order.
@@ -699,21 +724,14 @@ fn float_bytes(values: &[f32], ty: GgmlType, out: &mut Vec<u8>) -> Result<(), (u
     Ok(())
 }
 
+/// Removes the temporary output unless the export completed (then `path` is emptied).
 struct TempFile {
     path: PathBuf,
-    writer: Option<BufWriter<File>>,
-}
-
-impl TempFile {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.writer.as_mut().expect("open").write_all(bytes)
-    }
 }
 
 impl Drop for TempFile {
     fn drop(&mut self) {
         if !self.path.as_os_str().is_empty() {
-            self.writer = None;
             let _ = std::fs::remove_file(&self.path);
         }
     }
