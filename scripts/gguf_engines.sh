@@ -100,12 +100,13 @@ a, b = json.load(open(theirs)), json.load(open(ours))
 same = a["greedy_ids"] == b["greedy_ids"]
 d0 = max(abs(x - y) for x, y in zip(a["step0_logits"], b["step0_logits"]))
 top = max(abs(x[1] - y[1]) for s, t in zip(a["top5_per_step"], b["top5_per_step"]) for x, y in zip(s, t))
-top_ids = all([x[0] for x in s] == [y[0] for y in t] for s, t in zip(a["top5_per_step"], b["top5_per_step"]))
+moved = sum([x[0] for x in s] != [y[0] for y in t] for s, t in zip(a["top5_per_step"], b["top5_per_step"]))
 print(f"{'SAME  ' if same else 'DIFFER'} {label} prompt {i}: engine's file {a['greedy_ids']}")
 print(f"       tern's file {b['greedy_ids']}; recorded {rec['greedy_ids']}"
       f"{' (this build reproduces it)' if a['greedy_ids'] == rec['greedy_ids'] else ' (THIS BUILD DIFFERS)'}")
 print(f"       logits, tern's vs engine's file: step-0 max |diff| {d0:.3g} over the vocabulary;"
-      f" top-5 ids {'equal' if top_ids else 'DIFFER'} at every step, top-5 logits max |diff| {top:.3g}")
+      f" top-5 ids in a different order at {moved} of {len(a['top5_per_step'])} steps,"
+      f" top-5 logits max |diff| {top:.3g}")
 sys.exit(0 if same else 1)
 EOF
     done
@@ -121,15 +122,17 @@ else
     echo "SKIPPED bitnet.cpp (BITNET not set)"
 fi
 
-# 5. The engines' CLIs on text: the prompt tokenized by the engine from each file's tokenizer
-# metadata, then 16 greedy tokens; the whole printout must be the same for both files.
-cli() { # bin model prompt extra...
+# 5. The engines' CLIs on text: each file's tokenizer metadata must give the same prompt tokens
+# (--verbose-prompt) as the engine's own file. The generated text is shown, not judged: the ids
+# above are the check, and mainline's CLI prints through an asynchronous log that now and then
+# loses the end of its output.
+cli() { # bin model prompt extra...  -> the prompt's tokens, one per line, then a line of text
     local bin=$1 model=$2 prompt=$3 err out; shift 3
     err=$(mktemp)
     out=$("$bin" -m "$model" -p "$prompt" -n "$N_NEW" --temp 0 --seed 0 -t 1 -tb 1 -c 256 \
         --ignore-eos --verbose-prompt "$@" 2> "$err") || echo "exit status $?"
-    grep -E "^ *[0-9]+ -> '" "$err" || true
-    printf '%s\n' "$out"
+    grep -oE "[0-9]+ -> '.*'$" "$err" || true
+    printf '%s\n' "$out" | tr '\n' ' '
     rm -f "$err"
 }
 text() { # label bin key theirs ours extra...
@@ -139,9 +142,13 @@ text() { # label bin key theirs ours extra...
             "$RECORDED" "$key" "$i")
         a=$(cli "$bin" "$theirs" "$p" "$@")
         b=$(cli "$bin" "$ours" "$p" "$@")
-        n=$(printf '%s\n' "$a" | grep -cE "^ *[0-9]+ -> '" || true)
-        if [ -n "$a" ] && [ "$a" == "$b" ]; then echo "SAME   $label text prompt $i ($n prompt tokens)"
-        else echo "DIFFER $label text prompt $i"; diff <(echo "$a") <(echo "$b") || true; fail=1; fi
+        ta=$(printf '%s\n' "$a" | grep -E "^[0-9]+ -> '" || true)
+        tb=$(printf '%s\n' "$b" | grep -E "^[0-9]+ -> '" || true)
+        if [ -n "$ta" ] && [ "$ta" == "$tb" ]; then
+            echo "SAME   $label prompt $i tokenized from the file: $(echo "$ta" | cut -d' ' -f1 | tr '\n' ' ')"
+        else echo "DIFFER $label prompt $i tokenized from the file"; diff <(echo "$ta") <(echo "$tb") || true; fail=1; fi
+        echo "       text, engine's file: $(printf '%s\n' "$a" | tail -n 1)"
+        echo "       text, tern's file:   $(printf '%s\n' "$b" | tail -n 1)"
     done
 }
 text "llama.cpp TQ2_0" "$ML/llama-completion" mainline-tq2_0-f16emb \
