@@ -339,10 +339,14 @@ fn decode_floats(bytes: &[u8], layout: Layout, out: &mut [f32]) {
             .iter_mut()
             .zip(bytes.chunks_exact(2))
             .for_each(|(v, b)| *v = f16::from_le_bytes([b[0], b[1]]).to_f32()),
+        // bf16 is the top half of an f32 (a plain shift vectorizes; `half`'s conversion
+        // branches to quiet NaNs, and a NaN stays a NaN either way).
         _ => out
             .iter_mut()
             .zip(bytes.chunks_exact(2))
-            .for_each(|(v, b)| *v = bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+            .for_each(|(v, b)| {
+                *v = f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16)
+            }),
     }
 }
 
@@ -708,6 +712,21 @@ fn ternary_bytes(
 
 /// Appends `values` as `ty` (F32, F16 or BF16); Err: (index, value) of one F16 cannot hold.
 fn float_bytes(values: &[f32], ty: GgmlType, out: &mut Vec<u8>) -> Result<(), (usize, f32)> {
+    if ty == GgmlType::F16 {
+        // The whole slice at once (F16C where the CPU has it, detected at run time).
+        use half::slice::HalfFloatSliceExt;
+        let mut halves = vec![f16::ZERO; values.len()];
+        halves.convert_from_f32_slice(values);
+        let mut pairs = halves.iter().zip(values);
+        if let Some(i) = pairs.position(|(h, v)| h.is_infinite() && v.is_finite()) {
+            return Err((i, values[i]));
+        }
+        out.reserve(halves.len() * 2);
+        for h in halves {
+            out.extend_from_slice(&h.to_le_bytes());
+        }
+        return Ok(());
+    }
     for (i, &v) in values.iter().enumerate() {
         match ty {
             GgmlType::F32 => out.extend_from_slice(&v.to_le_bytes()),
