@@ -762,3 +762,44 @@ fn temp_path(output: &Path) -> PathBuf {
     name.push(format!(".{}.tmp", std::process::id()));
     output.with_file_name(name)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f16_conversion_is_little_endian_and_refuses_overflow() {
+        let mut out = Vec::new();
+        let values = [1.0, -2.5, 65504.0, f32::INFINITY, 1e-8];
+        float_bytes(&values, GgmlType::F16, &mut out).unwrap();
+        let expect: Vec<u8> = values
+            .iter()
+            .flat_map(|&v| f16::from_f32(v).to_le_bytes())
+            .collect();
+        assert_eq!(out, expect);
+        assert_eq!(&out[..2], &[0x00, 0x3c]);
+        // A finite value F16 cannot hold is named by its index, not written as infinity.
+        let mut out = Vec::new();
+        assert_eq!(
+            float_bytes(&[1.0, 0.5, 70000.0], GgmlType::F16, &mut out),
+            Err((2, 70000.0))
+        );
+    }
+
+    #[test]
+    fn bf16_decodes_exactly() {
+        let values = [1.0f32, -3.140625, 0.0, -0.0, f32::INFINITY, 1e-40];
+        let bytes: Vec<u8> = values
+            .iter()
+            .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
+            .collect();
+        let mut out = vec![0.0; values.len()];
+        decode_floats(&bytes, Layout::Bf16, &mut out);
+        for (v, o) in values.iter().zip(&out) {
+            assert_eq!(bf16::from_f32(*v).to_f32().to_bits(), o.to_bits());
+        }
+        let mut nan = [0.0];
+        decode_floats(&bf16::NAN.to_le_bytes(), Layout::Bf16, &mut nan);
+        assert!(nan[0].is_nan());
+    }
+}
