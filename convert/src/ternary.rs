@@ -1,7 +1,7 @@
 //! From the source's ternary encodings to TQ2 rows (docs/format.md §6.1), and the
 //! normalized per-tensor scale (§6.2).
 
-use half::{bf16, f16};
+use half::f16;
 use rayon::prelude::*;
 use safetensors::Dtype;
 use tern_format::tq2::{self, BLOCK_BYTES, BLOCK_COLS};
@@ -124,8 +124,10 @@ pub fn quantize_rows_q8(bytes: &[u8], dtype: Dtype, cols: usize) -> Result<Vec<u
 fn decode(bytes: &[u8], dtype: Dtype, out: &mut [f32]) {
     match dtype {
         Dtype::BF16 => {
+            // bf16 is the top half of an f32 (`half`'s conversion also sets the quiet bit of
+            // NaNs, a branch that keeps this loop from vectorizing; a NaN stays a NaN here).
             for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *o = bf16::from_le_bytes([b[0], b[1]]).to_f32();
+                *o = f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16);
             }
         }
         Dtype::F16 => {
@@ -187,11 +189,28 @@ pub fn ternarize_masters(
             || vec![0.0f32; cols],
             |buf, (r, row)| {
                 decode(row, dtype, buf);
-                let bad = buf
-                    .iter()
-                    .position(|x| !x.is_finite())
+                // Eight running sums, so the additions pipeline and vectorize. The order of
+                // f64 additions moves the sum by ~1e-16 relative (rayon's reduction order
+                // already varies), far below the f32 rounding of the mean.
+                let mut sums = [0.0f64; 8];
+                let mut finite = true;
+                let blocks = buf.chunks_exact(8);
+                let tail = blocks.remainder();
+                for block in blocks {
+                    for (s, &x) in sums.iter_mut().zip(block) {
+                        *s += f64::from(x.abs());
+                        finite &= x.is_finite();
+                    }
+                }
+                for (s, &x) in sums.iter_mut().zip(tail) {
+                    *s += f64::from(x.abs());
+                    finite &= x.is_finite();
+                }
+                let bad = (!finite)
+                    .then(|| buf.iter().position(|x| !x.is_finite()))
+                    .flatten()
                     .map(|c| r * cols + c);
-                (buf.iter().map(|x| f64::from(x.abs())).sum::<f64>(), bad)
+                (sums.iter().sum::<f64>(), bad)
             },
         )
         .reduce(|| (0.0, None), |a, b| (a.0 + b.0, a.1.or(b.1)));
@@ -389,6 +408,7 @@ pub fn scan_floats(bytes: &[u8], dtype: Dtype) -> FloatScan {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use half::bf16;
 
     /// The Hugging Face packing of docs/checkpoints.md §3, written from its formula.
     fn hf_pack(trits: &[i8], out: usize, cols: usize) -> Vec<u8> {

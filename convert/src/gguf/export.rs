@@ -339,10 +339,14 @@ fn decode_floats(bytes: &[u8], layout: Layout, out: &mut [f32]) {
             .iter_mut()
             .zip(bytes.chunks_exact(2))
             .for_each(|(v, b)| *v = f16::from_le_bytes([b[0], b[1]]).to_f32()),
+        // bf16 is the top half of an f32 (a plain shift vectorizes; `half`'s conversion
+        // branches to quiet NaNs, and a NaN stays a NaN either way).
         _ => out
             .iter_mut()
             .zip(bytes.chunks_exact(2))
-            .for_each(|(v, b)| *v = bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+            .for_each(|(v, b)| {
+                *v = f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16)
+            }),
     }
 }
 
@@ -454,64 +458,28 @@ pub fn export(
         path: tmp.clone(),
         source: e,
     };
-    let mut out = TempFile {
-        path: tmp.clone(),
-        writer: Some(BufWriter::with_capacity(
-            1 << 20,
-            File::create(&tmp).map_err(io)?,
-        )),
-    };
-    out.write(&header).map_err(io)?;
-    let total: u64 = plan.iter().map(|p| p.byte_len).sum();
-    let mut pos = 0u64;
-    for p in &plan {
-        out.write(&vec![0u8; (p.offset - pos) as usize])
-            .map_err(io)?;
-        let (rows, cols) = (p.ne.get(1).copied().unwrap_or(1) as usize, p.ne[0] as usize);
-        let mut written = 0u64;
-        if p.role == TensorRole::Ternary {
-            let (mut tq2, scale) = source.ternary(&p.name, rows, cols)?;
-            if arch == "llama"
-                && (p.name.ends_with("q_proj.weight") || p.name.ends_with("k_proj.weight"))
-            {
-                // llama.cpp's converter permutes Q/K rows for its interleaved RoPE.
-                let hf = tq2.clone();
-                let (hd, rb) = (c.head_dim as usize, tq2.len() / rows.max(1));
-                for r in 0..rows {
-                    let g = permuted_row(r, hd);
-                    tq2[g * rb..(g + 1) * rb].copy_from_slice(&hf[r * rb..(r + 1) * rb]);
-                }
+    let mut out = TempFile { path: tmp.clone() };
+    let mut file = BufWriter::with_capacity(1 << 20, File::create(&tmp).map_err(io)?);
+    // Reading and converting overlap with writing: a writer thread takes the pieces in order
+    // (two in flight, so memory stays a few tensors' worth).
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(2);
+    let produced = std::thread::scope(|scope| {
+        let writer = scope.spawn(move || -> std::io::Result<BufWriter<File>> {
+            for piece in rx {
+                file.write_all(&piece)?;
             }
-            let bytes =
-                ternary_bytes(&tq2, cols, scale, options).map_err(|e| source.error(&p.name, e))?;
-            out.write(&bytes).map_err(io)?;
-            written = bytes.len() as u64;
-        } else {
-            let mut bytes = Vec::new();
-            source.float_rows(&p.name, cols, &mut |values| {
-                bytes.clear();
-                float_bytes(values, p.ty, &mut bytes).map_err(|(i, v)| {
-                    let e = written / (p.byte_len / p.ne.iter().product::<u64>()) + i as u64;
-                    source.error(
-                        &p.name,
-                        format!("value {v:e} (element {e}) overflows F16 (use --exact-embeddings)"),
-                    )
-                })?;
-                out.write(&bytes).map_err(io)?;
-                written += bytes.len() as u64;
-                Ok(())
-            })?;
-        }
-        if written != p.byte_len {
-            return Err(source.error(
-                &p.name,
-                format!("{written} bytes written, {} expected", p.byte_len),
-            ));
-        }
-        pos = p.offset + written;
-        progress(pos, total);
-    }
-    let writer = out.writer.take().expect("open");
+            Ok(file)
+        });
+        let produced = write_tensors(source, &plan, arch, options, header, &tx, progress);
+        drop(tx);
+        let written = writer.join().expect("the writer thread does not panic");
+        (produced, written)
+    });
+    let writer = match produced {
+        (_, Err(e)) => return Err(io(e)),
+        (Err(e), _) => return Err(e),
+        (Ok(()), Ok(w)) => w,
+    };
     let f = writer.into_inner().map_err(|e| io(e.into_error()))?;
     f.sync_all().map_err(io)?;
     drop(f);
@@ -528,6 +496,67 @@ pub fn export(
         seconds: start.elapsed().as_secs_f64(),
         warnings,
     })
+}
+
+/// Sends the header and then every tensor's bytes, in file order, to the writer.
+fn write_tensors(
+    source: &ExportSource,
+    plan: &[Planned],
+    arch: &str,
+    options: &ExportOptions,
+    header: Vec<u8>,
+    tx: &std::sync::mpsc::SyncSender<Vec<u8>>,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<()> {
+    let send = |bytes: Vec<u8>| tx.send(bytes).map_err(|_| ConvertError::WriterStopped);
+    send(header)?;
+    let total: u64 = plan.iter().map(|p| p.byte_len).sum();
+    let mut pos = 0u64;
+    for p in plan {
+        send(vec![0u8; (p.offset - pos) as usize])?;
+        let (rows, cols) = (p.ne.get(1).copied().unwrap_or(1) as usize, p.ne[0] as usize);
+        let mut written = 0u64;
+        if p.role == TensorRole::Ternary {
+            let (mut tq2, scale) = source.ternary(&p.name, rows, cols)?;
+            if arch == "llama"
+                && (p.name.ends_with("q_proj.weight") || p.name.ends_with("k_proj.weight"))
+            {
+                // llama.cpp's converter permutes Q/K rows for its interleaved RoPE.
+                let hf = tq2.clone();
+                let (hd, rb) = (source.config().head_dim as usize, tq2.len() / rows.max(1));
+                for r in 0..rows {
+                    let g = permuted_row(r, hd);
+                    tq2[g * rb..(g + 1) * rb].copy_from_slice(&hf[r * rb..(r + 1) * rb]);
+                }
+            }
+            let bytes =
+                ternary_bytes(&tq2, cols, scale, options).map_err(|e| source.error(&p.name, e))?;
+            written = bytes.len() as u64;
+            send(bytes)?;
+        } else {
+            source.float_rows(&p.name, cols, &mut |values| {
+                let mut bytes = Vec::with_capacity(values.len() * 4);
+                float_bytes(values, p.ty, &mut bytes).map_err(|(i, v)| {
+                    let e = written / (p.byte_len / p.ne.iter().product::<u64>()) + i as u64;
+                    source.error(
+                        &p.name,
+                        format!("value {v:e} (element {e}) overflows F16 (use --exact-embeddings)"),
+                    )
+                })?;
+                written += bytes.len() as u64;
+                send(bytes)
+            })?;
+        }
+        if written != p.byte_len {
+            return Err(source.error(
+                &p.name,
+                format!("{written} bytes written, {} expected", p.byte_len),
+            ));
+        }
+        pos = p.offset + written;
+        progress(pos, total);
+    }
+    Ok(())
 }
 
 /// The metadata pairs of the engine that reads `ty`, in its converter's order.
@@ -683,6 +712,21 @@ fn ternary_bytes(
 
 /// Appends `values` as `ty` (F32, F16 or BF16); Err: (index, value) of one F16 cannot hold.
 fn float_bytes(values: &[f32], ty: GgmlType, out: &mut Vec<u8>) -> Result<(), (usize, f32)> {
+    if ty == GgmlType::F16 {
+        // The whole slice at once (F16C where the CPU has it, detected at run time).
+        use half::slice::HalfFloatSliceExt;
+        let mut halves = vec![f16::ZERO; values.len()];
+        halves.convert_from_f32_slice(values);
+        let mut pairs = halves.iter().zip(values);
+        if let Some(i) = pairs.position(|(h, v)| h.is_infinite() && v.is_finite()) {
+            return Err((i, values[i]));
+        }
+        out.reserve(halves.len() * 2);
+        for h in halves {
+            out.extend_from_slice(&h.to_le_bytes());
+        }
+        return Ok(());
+    }
     for (i, &v) in values.iter().enumerate() {
         match ty {
             GgmlType::F32 => out.extend_from_slice(&v.to_le_bytes()),
@@ -699,21 +743,14 @@ fn float_bytes(values: &[f32], ty: GgmlType, out: &mut Vec<u8>) -> Result<(), (u
     Ok(())
 }
 
+/// Removes the temporary output unless the export completed (then `path` is emptied).
 struct TempFile {
     path: PathBuf,
-    writer: Option<BufWriter<File>>,
-}
-
-impl TempFile {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.writer.as_mut().expect("open").write_all(bytes)
-    }
 }
 
 impl Drop for TempFile {
     fn drop(&mut self) {
         if !self.path.as_os_str().is_empty() {
-            self.writer = None;
             let _ = std::fs::remove_file(&self.path);
         }
     }
@@ -724,4 +761,45 @@ fn temp_path(output: &Path) -> PathBuf {
     name.push(output.file_name().unwrap_or_default());
     name.push(format!(".{}.tmp", std::process::id()));
     output.with_file_name(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f16_conversion_is_little_endian_and_refuses_overflow() {
+        let mut out = Vec::new();
+        let values = [1.0, -2.5, 65504.0, f32::INFINITY, 1e-8];
+        float_bytes(&values, GgmlType::F16, &mut out).unwrap();
+        let expect: Vec<u8> = values
+            .iter()
+            .flat_map(|&v| f16::from_f32(v).to_le_bytes())
+            .collect();
+        assert_eq!(out, expect);
+        assert_eq!(&out[..2], &[0x00, 0x3c]);
+        // A finite value F16 cannot hold is named by its index, not written as infinity.
+        let mut out = Vec::new();
+        assert_eq!(
+            float_bytes(&[1.0, 0.5, 70000.0], GgmlType::F16, &mut out),
+            Err((2, 70000.0))
+        );
+    }
+
+    #[test]
+    fn bf16_decodes_exactly() {
+        let values = [1.0f32, -3.140625, 0.0, -0.0, f32::INFINITY, 1e-40];
+        let bytes: Vec<u8> = values
+            .iter()
+            .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
+            .collect();
+        let mut out = vec![0.0; values.len()];
+        decode_floats(&bytes, Layout::Bf16, &mut out);
+        for (v, o) in values.iter().zip(&out) {
+            assert_eq!(bf16::from_f32(*v).to_f32().to_bits(), o.to_bits());
+        }
+        let mut nan = [0.0];
+        decode_floats(&bf16::NAN.to_le_bytes(), Layout::Bf16, &mut nan);
+        assert!(nan[0].is_nan());
+    }
 }
