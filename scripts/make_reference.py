@@ -58,8 +58,8 @@ def cached_decode(model, ids):
     """Logits of every position, one token at a time through the KV cache."""
     cache, rows = None, []
     for t in range(ids.shape[0]):
-        out = model(input_ids=ids[None, t : t + 1], past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(input_ids=ids[None, t : t + 1], cache=cache, use_cache=True)
+        cache = out.cache
         rows.append(out.logits[0, -1].float())
     return torch.stack(rows)
 

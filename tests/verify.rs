@@ -517,3 +517,155 @@ fn two_tensors_with_their_scales_swapped_fail_naming_both() {
         "the layer-local check names the layer: {f}"
     );
 }
+
+/// The damage list on a real-depth model: each damaged copy of `TERN_DEEP_MODEL` (a .tern
+/// converted from the checkpoint `TERN_DEEP_SOURCE`, e.g. a 30-layer 2B-4T-shape
+/// `tern synth --hf bf16`) must fail `verify --source` with the fault named.
+/// `TERN_DEEP_ARGS` adds verify options (e.g. `--no-parity`). docs/parity.md has the run.
+///
+///     TERN_DEEP_MODEL=m.tern TERN_DEEP_SOURCE=hf/ \
+///         cargo test --release --test cli -- --ignored damage_at_depth --nocapture
+#[test]
+#[ignore = "needs TERN_DEEP_MODEL and TERN_DEEP_SOURCE: a multi-GB model (docs/parity.md)"]
+fn damage_at_depth_is_named() {
+    let (Some(model), Some(source)) = (
+        std::env::var_os("TERN_DEEP_MODEL"),
+        std::env::var_os("TERN_DEEP_SOURCE"),
+    ) else {
+        panic!("set TERN_DEEP_MODEL and TERN_DEEP_SOURCE");
+    };
+    let extra = std::env::var("TERN_DEEP_ARGS").unwrap_or_default();
+    let file = tern_format::TernFile::open(std::path::Path::new(&model)).unwrap();
+    let layers = file.metadata().config.num_hidden_layers;
+    let tied = file.metadata().config.tie_word_embeddings;
+    drop(file);
+    let mid = layers / 2;
+    let name = |part: &str| format!("model.layers.{mid}.{part}.weight");
+    let (down, k, v, up) = (
+        name("mlp.down_proj"),
+        name("self_attn.k_proj"),
+        name("self_attn.v_proj"),
+        name("mlp.up_proj"),
+    );
+    let sub_norm = name("mlp.ffn_sub_norm");
+    type Edit<'a> = Box<dyn Fn(&mut tern_format::Metadata, &mut Vec<Rewritten>) + 'a>;
+    let cases: Vec<(&str, Edit, Vec<String>)> = vec![
+        (
+            "one flipped trit",
+            Box::new(|_, t| {
+                let i = ternary_index(t, &down);
+                let code = t[i].data[5] & 3;
+                t[i].data[5] = (t[i].data[5] & !3) | if code == 2 { 0 } else { 2 };
+            }),
+            vec![down.clone()],
+        ),
+        (
+            "two tensors' scales swapped",
+            Box::new(|_, t| {
+                let (i, j) = (ternary_index(t, &k), ternary_index(t, &up));
+                let s = t[i].scale;
+                t[i].scale = t[j].scale;
+                t[j].scale = s;
+            }),
+            vec![k.clone(), up.clone()],
+        ),
+        (
+            "the inverse scale convention",
+            Box::new(|_, t| {
+                for x in t.iter_mut().filter(|x| x.spec.layout.is_ternary()) {
+                    x.scale = 1.0 / x.scale;
+                }
+            }),
+            vec!["scale".into()],
+        ),
+        (
+            "the tied head replaced by another tensor",
+            Box::new(|meta, t| {
+                meta.config.tie_word_embeddings = false;
+                let e = &t[ternary_index(t, "model.embed_tokens.weight")];
+                let row = e.data.len() / e.spec.shape[0] as usize;
+                let data = e.data.chunks_exact(row).rev().flatten().copied().collect();
+                let spec = tern_format::TensorSpec {
+                    name: "lm_head.weight".into(),
+                    ..e.spec.clone()
+                };
+                t.push(Rewritten {
+                    spec,
+                    scale: 1.0,
+                    data,
+                });
+            }),
+            vec!["tie_word_embeddings".into(), "lm_head.weight".into()],
+        ),
+        (
+            "RoPE interleaved",
+            Box::new(|meta, _| meta.config.rope_style = tern_format::RopeStyle::Interleaved),
+            vec!["rope_style".into()],
+        ),
+        (
+            "one sub-norm weight replaced by ones",
+            Box::new(|_, t| {
+                let i = ternary_index(t, &sub_norm);
+                let one = match t[i].spec.layout {
+                    tern_format::Layout::F32 => 1.0f32.to_le_bytes().to_vec(),
+                    tern_format::Layout::Bf16 => 0x3f80u16.to_le_bytes().to_vec(),
+                    _ => 0x3c00u16.to_le_bytes().to_vec(),
+                };
+                let n = t[i].data.len() / one.len();
+                t[i].data = one.repeat(n);
+            }),
+            vec![sub_norm.clone()],
+        ),
+        (
+            "relu² replaced by SiLU",
+            Box::new(|meta, _| meta.config.activation = tern_format::Activation::Silu),
+            vec!["activation".into()],
+        ),
+        (
+            // q and k differ in shape under grouped-query attention: k and v do not.
+            "one layer's k and v projections swapped",
+            Box::new(|_, t| {
+                let (a, b) = (ternary_index(t, &k), ternary_index(t, &v));
+                let (ad, bd) = (t[a].data.clone(), t[b].data.clone());
+                (t[a].data, t[b].data) = (bd, ad);
+                (t[a].scale, t[b].scale) = (t[b].scale, t[a].scale);
+            }),
+            vec![k.clone(), v.clone()],
+        ),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("damaged.tern");
+    for (what, edit, named) in cases {
+        if !tied && what.contains("tied head") {
+            continue;
+        }
+        std::fs::copy(&model, &copy).unwrap();
+        rewrite(&copy, edit);
+        let mut args = vec![
+            "verify",
+            copy.to_str().unwrap(),
+            "--source",
+            source.to_str().unwrap(),
+            "--json",
+            "-q",
+        ];
+        args.extend(extra.split_whitespace());
+        let start = std::time::Instant::now();
+        let out = tern(&args);
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let report = format!("{} {}", doc["failures"], doc["source"]["first_mismatches"]);
+        println!(
+            "{what}: exit {:?} in {:.0?}; {}",
+            out.status.code(),
+            start.elapsed(),
+            &report[..report.len().min(400)]
+        );
+        assert_eq!(out.status.code(), Some(1), "{what} passed verify");
+        for n in &named {
+            assert!(
+                report.contains(n.as_str()),
+                "{what}: {n} not named in {report}"
+            );
+        }
+    }
+}

@@ -182,8 +182,13 @@ fn print_source(c: &WeightComparison) {
 fn print_parity(p: &Parity, t: &Thresholds) {
     let judged = match p.judge_end_to_end {
         true => {
-            let (top1, kl) = p.end_to_end_limits(t);
-            format!("judged: top-1 ≥ {:.1}%, KL ≤ {kl:.2e}", 100.0 * top1)
+            let l = p.end_to_end_limits(t);
+            format!(
+                "judged: top-1 ≥ {:.1}%, KL ≤ {:.2e}, greedy ≥ {:.1}%",
+                100.0 * l.min_top1,
+                l.max_kl,
+                100.0 * l.min_greedy
+            )
         }
         false => "information: flips cascade end to end".to_string(),
     };
