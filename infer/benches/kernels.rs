@@ -12,7 +12,7 @@
 
 use divan::counter::{BytesCount, ItemsCount};
 use divan::Bencher;
-use tern_infer::kernels::{Isa, Kernels};
+use tern_infer::kernels::{GemmShape, Isa, Kernels};
 use tern_infer::pool::{physical_cores, Pool};
 
 fn main() {
@@ -206,12 +206,18 @@ fn gemm_64_tokens(bencher: Bencher, case: Case) {
     let qs: Vec<i8> = w.q.iter().cycle().take(TOKENS * stride).copied().collect();
     let sums = vec![w.q_sum; TOKENS];
     let mut out = vec![0i32; TOKENS * case.rows];
-    let (k, nb, m) = (w.k, w.nb, &w.mats[0]);
+    let (k, m) = (w.k, &w.mats[0]);
+    let sh = GemmShape {
+        blocks: w.nb,
+        rows: case.rows,
+        tokens: TOKENS,
+        q_stride: stride,
+    };
     bencher
         .counter(ItemsCount::new(case.rows * case.cols * TOKENS))
         .bench_local(|| match case.layout {
-            Layout::Tq2 => k.tq2_gemm(m, nb, case.rows, &qs, &sums, TOKENS, &mut out),
-            Layout::Tq1 => k.tq1_gemm(m, nb, case.rows, &qs, stride, &sums, TOKENS, &mut out),
+            Layout::Tq2 => k.tq2_gemm(m, sh, &qs, &sums, &mut out),
+            Layout::Tq1 => k.tq1_gemm(m, sh, &qs, &sums, &mut out),
         });
 }
 

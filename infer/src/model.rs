@@ -13,7 +13,7 @@ use std::sync::Mutex;
 
 use tern_format::{Activation, Layout, ModelConfig, RopeStyle, TensorInfo, TernFile};
 
-use crate::kernels::{AttendShape, Kernels, QuantRow};
+use crate::kernels::{AttendShape, GemmShape, Kernels, QuantRow};
 use crate::pool::{split_range, Pool};
 use crate::reference::{Probe, Site};
 use crate::InferError;
@@ -625,15 +625,18 @@ impl Quantized {
         };
         pool.run_chunks(&mut self.acc[..n * w.rows], 4 * n, parts, |_, r, part| {
             let rw = &w.data[r.start / n * row_bytes..r.end / n * row_bytes];
-            let rows = r.len() / n;
             let q1 = &qact[..w.act_len()]; // one token: the GEMV reads exactly act_len
+            let sh = GemmShape {
+                blocks: w.blocks,
+                rows: r.len() / n,
+                tokens: n,
+                q_stride: padded,
+            };
             match (w.layout, n) {
                 (Layout::Tq1, 1) => kernels.tq1_gemv(rw, w.blocks, q1, qsums[0], part),
-                (Layout::Tq1, _) => {
-                    kernels.tq1_gemm(rw, w.blocks, rows, qact, padded, qsums, n, part)
-                }
+                (Layout::Tq1, _) => kernels.tq1_gemm(rw, sh, qact, qsums, part),
                 (_, 1) => kernels.tq2_gemv(rw, w.blocks, q1, qsums[0], part),
-                _ => kernels.tq2_gemm(rw, w.blocks, rows, qact, qsums, n, part),
+                _ => kernels.tq2_gemm(rw, sh, qact, qsums, part),
             }
         });
         // out[t, r] = acc / s_t · scale, gathering each token's row from the pieces.

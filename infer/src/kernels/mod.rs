@@ -47,6 +47,22 @@ pub mod scalar;
 
 pub use attention::AttendShape;
 
+/// The shape of a ternary GEMM (prefill): `rows` weight rows of `blocks` blocks each, times
+/// `tokens` int8 activation rows, row `t` starting at `t · q_stride` of the activation
+/// buffer. `q_stride` is at least `blocks ·` the layout's block columns; the kernels read
+/// only those first `blocks ·` block columns of each row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GemmShape {
+    /// Blocks per weight row (and per activation row).
+    pub blocks: usize,
+    /// Weight rows (outputs per token).
+    pub rows: usize,
+    /// Activation rows (tokens).
+    pub tokens: usize,
+    /// Distance between the starts of two activation rows, in int8 values.
+    pub q_stride: usize,
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86_64 {
     pub mod avx2;
@@ -169,9 +185,8 @@ pub enum KernelError {
 // `Kernels` value holding it exists only once `Isa::available()` confirmed them. The length
 // preconditions are checked (O(1) asserts) by the public methods *and* by the kernels.
 type QuantFn = unsafe fn(&[f32], &mut [i8]) -> QuantRow;
-type Tq2GemvFn = unsafe fn(&[u8], usize, &[i8], i32, &mut [i32]);
-type Tq2GemmFn = unsafe fn(&[u8], usize, usize, &[i8], &[i32], usize, &mut [i32]);
-type Tq1GemmFn = unsafe fn(&[u8], usize, usize, &[i8], usize, &[i32], usize, &mut [i32]);
+type GemvFn = unsafe fn(&[u8], usize, &[i8], i32, &mut [i32]);
+type GemmFn = unsafe fn(&[u8], GemmShape, &[i8], &[i32], &mut [i32]);
 type Q8GemvFn = unsafe fn(&[u8], usize, &[f32], &mut [f32]);
 type AttendFn = unsafe fn(AttendShape, &[f32], &[f32], &[f32], &mut [f32], &mut [f32]);
 type DenseU16Fn = unsafe fn(&[u16], usize, &[f32], &mut [f32]);
@@ -185,10 +200,10 @@ pub struct Kernels {
     pub isa: Isa,
     variant: &'static str,
     quantize: QuantFn,
-    tq2_gemv: Tq2GemvFn,
-    tq2_gemm: Tq2GemmFn,
-    tq1_gemv: Tq2GemvFn,
-    tq1_gemm: Tq1GemmFn,
+    tq2_gemv: GemvFn,
+    tq2_gemm: GemmFn,
+    tq1_gemv: GemvFn,
+    tq1_gemm: GemmFn,
     q8_gemv: Q8GemvFn,
     bf16_gemv: DenseU16Fn,
     f16_gemv: DenseU16Fn,
@@ -316,14 +331,14 @@ impl Kernels {
                 if is_x86_feature_detected!("avx512vnni") {
                     v.push(dense(
                         "avx512+vnni",
-                        vnni::tq2_gemv as Tq2GemvFn,
-                        vnni::tq2_gemm as Tq2GemmFn,
+                        vnni::tq2_gemv as GemvFn,
+                        vnni::tq2_gemm as GemmFn,
                     ));
                 }
                 v.push(dense(
                     "avx512",
-                    plain::tq2_gemv as Tq2GemvFn,
-                    plain::tq2_gemm as Tq2GemmFn,
+                    plain::tq2_gemv as GemvFn,
+                    plain::tq2_gemm as GemmFn,
                 ));
             }
             #[cfg(target_arch = "aarch64")]
@@ -346,18 +361,18 @@ impl Kernels {
                 if std::arch::is_aarch64_feature_detected!("dotprod") {
                     v.push(mk(
                         "neon+dotprod",
-                        neon::tq2_gemv_dotprod as Tq2GemvFn,
-                        neon::tq2_gemm_dotprod as Tq2GemmFn,
-                        neon::tq1_gemv_dotprod as Tq2GemvFn,
-                        neon::tq1_gemm_dotprod as Tq1GemmFn,
+                        neon::tq2_gemv_dotprod as GemvFn,
+                        neon::tq2_gemm_dotprod as GemmFn,
+                        neon::tq1_gemv_dotprod as GemvFn,
+                        neon::tq1_gemm_dotprod as GemmFn,
                     ));
                 }
                 v.push(mk(
                     "neon",
-                    neon::tq2_gemv as Tq2GemvFn,
-                    neon::tq2_gemm as Tq2GemmFn,
-                    neon::tq1_gemv as Tq2GemvFn,
-                    neon::tq1_gemm as Tq1GemmFn,
+                    neon::tq2_gemv as GemvFn,
+                    neon::tq2_gemm as GemmFn,
+                    neon::tq1_gemv as GemvFn,
+                    neon::tq1_gemm as GemmFn,
                 ));
             }
             #[allow(unreachable_patterns)]
@@ -398,31 +413,15 @@ impl Kernels {
         unsafe { (self.tq2_gemv)(w, nb, q, q_sum, out) }
     }
 
-    /// [`Kernels::tq2_gemv`] for `n` activation rows (prefill): `q` is `n` rows of `nb · 128`
-    /// int8 (row-major), `q_sums[t] = Σ q[t]`; `w` holds `rows` TQ2 rows; `out` is `n` rows
-    /// of `rows` i32: `out[t · rows + r]`. Each unpacked weight block is reused for a tile
-    /// of tokens.
-    #[allow(clippy::too_many_arguments)]
-    pub fn tq2_gemm(
-        &self,
-        w: &[u8],
-        nb: usize,
-        rows: usize,
-        q: &[i8],
-        q_sums: &[i32],
-        n: usize,
-        out: &mut [i32],
-    ) {
-        check_tq2_gemm(w, nb, rows, q, q_sums, n, out);
-        debug_assert!(
-            nb == 0
-                || q.chunks_exact(nb * TQ2_BLOCK_COLS)
-                    .zip(q_sums)
-                    .all(|(row, &s)| row.iter().map(|&v| v as i32).sum::<i32>() == s),
-            "q_sums[t] != Σ q[t]"
-        );
+    /// [`Kernels::tq2_gemv`] for `sh.tokens` activation rows (prefill): row `t` of `q` starts
+    /// at `t · sh.q_stride` and holds `sh.blocks · 128` int8, `q_sums[t]` is their sum; `w`
+    /// holds `sh.rows` TQ2 rows; `out` is `tokens` rows of `rows` i32: `out[t · rows + r]`.
+    /// Each unpacked weight block is reused for a tile of tokens.
+    pub fn tq2_gemm(&self, w: &[u8], sh: GemmShape, q: &[i8], q_sums: &[i32], out: &mut [i32]) {
+        check_gemm(TQ2, w, sh, q, q_sums, out);
+        debug_assert_sums(TQ2, sh, q, q_sums);
         // SAFETY: CPU features detected at construction; lengths checked above.
-        unsafe { (self.tq2_gemm)(w, nb, rows, q, q_sums, n, out) }
+        unsafe { (self.tq2_gemm)(w, sh, q, q_sums, out) }
     }
 
     /// Exact integer dot products of TQ1 rows with one quantized activation row:
@@ -440,32 +439,14 @@ impl Kernels {
         unsafe { (self.tq1_gemv)(w, nb, q, q_sum, out) }
     }
 
-    /// [`Kernels::tq1_gemv`] for `n` activation rows (prefill): row `t` of `q` starts at
-    /// `t · q_stride` (`q_stride >= nb · 160`; the kernel reads its first `nb · 160`),
-    /// `q_sums[t]` is the sum of those; `out[t · rows + r]`. Each unpacked weight block is
-    /// reused for a tile of tokens: TQ1's base-3 decoding costs more than the dot product.
-    #[allow(clippy::too_many_arguments)]
-    pub fn tq1_gemm(
-        &self,
-        w: &[u8],
-        nb: usize,
-        rows: usize,
-        q: &[i8],
-        q_stride: usize,
-        q_sums: &[i32],
-        n: usize,
-        out: &mut [i32],
-    ) {
-        check_tq1_gemm(w, nb, rows, q, q_stride, q_sums, n, out);
-        debug_assert!(
-            (0..n).all(|t| {
-                let row = &q[t * q_stride..t * q_stride + nb * TQ1_BLOCK_COLS];
-                row.iter().map(|&v| v as i32).sum::<i32>() == q_sums[t]
-            }),
-            "q_sums[t] != Σ q[t]"
-        );
+    /// [`Kernels::tq1_gemv`] for `sh.tokens` activation rows (prefill), laid out as for
+    /// [`Kernels::tq2_gemm`] with `sh.blocks · 160` int8 per row. Each unpacked weight block
+    /// is reused for a tile of tokens: TQ1's base-3 decoding costs more than the dot product.
+    pub fn tq1_gemm(&self, w: &[u8], sh: GemmShape, q: &[i8], q_sums: &[i32], out: &mut [i32]) {
+        check_gemm(TQ1, w, sh, q, q_sums, out);
+        debug_assert_sums(TQ1, sh, q, q_sums);
         // SAFETY: CPU features detected at construction; lengths checked above.
-        unsafe { (self.tq1_gemm)(w, nb, rows, q, q_stride, q_sums, n, out) }
+        unsafe { (self.tq1_gemm)(w, sh, q, q_sums, out) }
     }
 
     /// Q8_ROW rows times an f32 vector: `out[r] = scale_r · Σ_c q[r, c] · x[c]`, f32
@@ -610,35 +591,6 @@ pub(crate) fn check_tq2_gemv(w: &[u8], nb: usize, q: &[i8], out: &[i32]) {
 
 #[inline]
 #[track_caller]
-pub(crate) fn check_tq2_gemm(
-    w: &[u8],
-    nb: usize,
-    rows: usize,
-    q: &[i8],
-    q_sums: &[i32],
-    n: usize,
-    out: &[i32],
-) {
-    assert_eq!(
-        Some(w.len()),
-        rows.checked_mul(nb * TQ2_BLOCK_BYTES),
-        "tq2_gemm: w.len() != rows * nb * 32"
-    );
-    assert_eq!(
-        Some(q.len()),
-        n.checked_mul(nb * TQ2_BLOCK_COLS),
-        "tq2_gemm: q.len() != n * nb * 128"
-    );
-    assert_eq!(q_sums.len(), n, "tq2_gemm: q_sums.len() != n");
-    assert_eq!(
-        Some(out.len()),
-        n.checked_mul(rows),
-        "tq2_gemm: out.len() != n * rows"
-    );
-}
-
-#[inline]
-#[track_caller]
 pub(crate) fn check_tq1_gemv(w: &[u8], nb: usize, q: &[i8], out: &[i32]) {
     assert_eq!(
         q.len(),
@@ -652,42 +604,77 @@ pub(crate) fn check_tq1_gemv(w: &[u8], nb: usize, q: &[i8], out: &[i32]) {
     );
 }
 
+/// A ternary layout's block geometry, as the GEMM checks need it.
+#[derive(Clone, Copy)]
+pub(crate) struct Blocks {
+    name: &'static str,
+    bytes: usize,
+    cols: usize,
+}
+
+pub(crate) const TQ2: Blocks = Blocks {
+    name: "tq2_gemm",
+    bytes: TQ2_BLOCK_BYTES,
+    cols: TQ2_BLOCK_COLS,
+};
+pub(crate) const TQ1: Blocks = Blocks {
+    name: "tq1_gemm",
+    bytes: TQ1_BLOCK_BYTES,
+    cols: TQ1_BLOCK_COLS,
+};
+
 #[inline]
 #[track_caller]
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn check_tq1_gemm(
+pub(crate) fn check_gemm(
+    l: Blocks,
     w: &[u8],
-    nb: usize,
-    rows: usize,
+    sh: GemmShape,
     q: &[i8],
-    q_stride: usize,
     q_sums: &[i32],
-    n: usize,
     out: &[i32],
 ) {
+    let name = l.name;
+    let row_len = sh.blocks.checked_mul(l.cols);
     assert_eq!(
         Some(w.len()),
-        rows.checked_mul(nb * TQ1_BLOCK_BYTES),
-        "tq1_gemm: w.len() != rows * nb * 32"
+        sh.blocks
+            .checked_mul(l.bytes)
+            .and_then(|rb| rb.checked_mul(sh.rows)),
+        "{name}: w.len() != rows * blocks * {}",
+        l.bytes
     );
     assert!(
-        q_stride >= nb * TQ1_BLOCK_COLS,
-        "tq1_gemm: q_stride < nb * 160"
+        row_len.is_some_and(|len| sh.q_stride >= len),
+        "{name}: q_stride < blocks * {}",
+        l.cols
     );
-    // The last row needs only its first nb · 160 bytes.
-    let need = n.checked_sub(1).map(|m| {
-        m.checked_mul(q_stride)
-            .and_then(|v| v.checked_add(nb * TQ1_BLOCK_COLS))
+    // The last row needs only its first blocks · cols values.
+    let need = sh.tokens.checked_sub(1).map(|m| {
+        m.checked_mul(sh.q_stride)
+            .and_then(|v| v.checked_add(row_len?))
     });
     assert!(
         need.is_none_or(|need| need.is_some_and(|need| q.len() >= need)),
-        "tq1_gemm: q.len() < (n - 1) * q_stride + nb * 160"
+        "{name}: q.len() < (tokens - 1) * q_stride + blocks * {}",
+        l.cols
     );
-    assert_eq!(q_sums.len(), n, "tq1_gemm: q_sums.len() != n");
+    assert_eq!(q_sums.len(), sh.tokens, "{name}: q_sums.len() != tokens");
     assert_eq!(
         Some(out.len()),
-        n.checked_mul(rows),
-        "tq1_gemm: out.len() != n * rows"
+        sh.tokens.checked_mul(sh.rows),
+        "{name}: out.len() != tokens * rows"
+    );
+}
+
+/// Debug builds: `q_sums[t]` is the sum of activation row `t` (what the kernels assume).
+fn debug_assert_sums(l: Blocks, sh: GemmShape, q: &[i8], q_sums: &[i32]) {
+    debug_assert!(
+        (0..sh.tokens).all(|t| {
+            let row = &q[t * sh.q_stride..t * sh.q_stride + sh.blocks * l.cols];
+            row.iter().map(|&v| v as i32).sum::<i32>() == q_sums[t]
+        }),
+        "{}: q_sums[t] != Σ q[t]",
+        l.name
     );
 }
 

@@ -406,9 +406,21 @@ fn tq2_gemv_extreme_sums_and_empty() {
         assert_eq!(out, [0, 0, 0], "{}", k.variant());
         k.tq2_gemv(&[], 3, &[0; 384], 0, &mut []);
         let mut out = vec![7i32; 6];
-        k.tq2_gemm(&[], 0, 3, &[], &[0, 0], 2, &mut out);
+        let sh = GemmShape {
+            blocks: 0,
+            rows: 3,
+            tokens: 2,
+            q_stride: 0,
+        };
+        k.tq2_gemm(&[], sh, &[], &[0, 0], &mut out);
         assert_eq!(out, [0; 6], "{}", k.variant());
-        k.tq2_gemm(&[0x55; 64], 2, 1, &[], &[], 0, &mut []);
+        let sh = GemmShape {
+            blocks: 2,
+            rows: 1,
+            tokens: 0,
+            q_stride: 256,
+        };
+        k.tq2_gemm(&[0x55; 64], sh, &[], &[], &mut []);
     }
 }
 
@@ -442,21 +454,31 @@ fn tq2_gemm_all_isas_match_scalar_and_gemv() {
         let n = if case < 9 { case + 1 } else { rng.range(1, 9) };
         let tf = TRIT_FILLS[case % 5];
         let (w, trits) = make_weights(&mut rng, rows, cols, tf);
-        let mut q = Vec::with_capacity(n * nb * 128);
+        // Every third case leaves a gap between activation rows, which must not be read.
+        let len = nb * 128;
+        let stride = len + if case % 3 == 2 { 128 } else { 0 };
+        let mut q = Vec::with_capacity(n * stride);
         for t in 0..n {
             let af = ACT_FILLS[(case / 5 + t) % 5];
             q.extend(make_acts(&mut rng, cols, nb, af));
+            q.resize((t + 1) * stride, 99);
         }
         let q_sums: Vec<i32> = q
-            .chunks_exact(nb * 128)
-            .map(|r| r.iter().map(|&v| v as i32).sum())
+            .chunks_exact(stride)
+            .map(|r| r[..len].iter().map(|&v| v as i32).sum())
             .collect();
-        let what = format!("nb={nb} cols={cols} rows={rows} n={n} {tf:?}");
+        let what = format!("nb={nb} cols={cols} rows={rows} n={n} stride={stride} {tf:?}");
+        let sh = GemmShape {
+            blocks: nb,
+            rows,
+            tokens: n,
+            q_stride: stride,
+        };
 
         let mut want = vec![0i32; n * rows];
-        scalar_kernels().tq2_gemm(&w, nb, rows, &q, &q_sums, n, &mut want);
+        scalar_kernels().tq2_gemm(&w, sh, &q, &q_sums, &mut want);
         for t in 0..n {
-            let qt = &q[t * nb * 128..(t + 1) * nb * 128];
+            let qt = &q[t * stride..t * stride + len];
             for r in 0..rows {
                 let naive = naive_dot(&trits[r * cols..(r + 1) * cols], &qt[..cols]);
                 assert_eq!(
@@ -468,12 +490,12 @@ fn tq2_gemm_all_isas_match_scalar_and_gemv() {
         }
         for k in &ks {
             let mut got = vec![i32::MIN; n * rows];
-            k.tq2_gemm(&w, nb, rows, &q, &q_sums, n, &mut got);
+            k.tq2_gemm(&w, sh, &q, &q_sums, &mut got);
             assert_eq!(got, want, "{} gemm {what}", k.variant());
             // and GEMM == one GEMV per token
             for t in 0..n {
                 let mut g = vec![0i32; rows];
-                let qt = &q[t * nb * 128..(t + 1) * nb * 128];
+                let qt = &q[t * stride..t * stride + len];
                 k.tq2_gemv(&w, nb, qt, q_sums[t], &mut g);
                 assert_eq!(
                     &g[..],
@@ -748,8 +770,14 @@ fn tq1_gemm_all_isas_match_scalar_and_naive() {
             })
             .collect();
         let what = format!("nb={nb} cols={cols} rows={rows} n={n} stride={stride} fill={fill}");
+        let sh = GemmShape {
+            blocks: nb,
+            rows,
+            tokens: n,
+            q_stride: stride,
+        };
         let mut want = vec![0i32; n * rows];
-        scalar_kernels().tq1_gemm(&w, nb, rows, &q, stride, &q_sums, n, &mut want);
+        scalar_kernels().tq1_gemm(&w, sh, &q, &q_sums, &mut want);
         for t in 0..n {
             for r in 0..rows {
                 let qt = &q[t * stride..t * stride + cols];
@@ -763,7 +791,7 @@ fn tq1_gemm_all_isas_match_scalar_and_naive() {
         }
         for k in &ks {
             let mut got = vec![i32::MIN; n * rows];
-            k.tq1_gemm(&w, nb, rows, &q, stride, &q_sums, n, &mut got);
+            k.tq1_gemm(&w, sh, &q, &q_sums, &mut got);
             assert_eq!(got, want, "{} {what}", k.variant());
         }
     }

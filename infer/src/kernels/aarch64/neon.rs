@@ -15,9 +15,9 @@ use std::arch::aarch64::*;
 use std::arch::asm;
 
 use crate::kernels::{
-    check_dense, check_q8_gemv, check_quantize, check_tq1_gemm, check_tq1_gemv, check_tq2_gemm,
-    check_tq2_gemv, gemm_tiles, gemv_groups, q8_row_stride, scalar, QuantRow, TQ1_BLOCK_BYTES,
-    TQ1_BLOCK_COLS, TQ2_BLOCK_BYTES as BB, TQ2_BLOCK_COLS as BC,
+    check_dense, check_gemm, check_q8_gemv, check_quantize, check_tq1_gemv, check_tq2_gemv,
+    gemm_tiles, gemv_groups, q8_row_stride, scalar, GemmShape, QuantRow, TQ1, TQ1_BLOCK_BYTES,
+    TQ1_BLOCK_COLS, TQ2, TQ2_BLOCK_BYTES as BB, TQ2_BLOCK_COLS as BC,
 };
 
 // ---- quantization ------------------------------------------------------------------------
@@ -254,14 +254,19 @@ macro_rules! tq2_kernels {
         }
 
         /// `Σ code·q` of one row (`nb` blocks at `w`) with `T ≤ 8` activation rows at `q`
-        /// (stride `nb · 128`), each unpacked block reused for all `T` tokens.
+        /// (stride `qs`), each unpacked block reused for all `T` tokens.
         ///
         /// # Safety
-        /// `w` readable for `nb · 32` bytes, `q` for `T · nb · 128`; features available.
+        /// `w` readable for `nb · 32` bytes, `q` for `(T − 1) · qs + nb · 128`; features
+        /// available.
         #[inline]
         #[target_feature(enable = $features)]
-        unsafe fn $tile<const T: usize>(w: *const u8, nb: usize, q: *const i8) -> [i32; 8] {
-            let qs = nb * BC;
+        unsafe fn $tile<const T: usize>(
+            w: *const u8,
+            nb: usize,
+            q: *const i8,
+            qs: usize,
+        ) -> [i32; 8] {
             let mut acc = [vdupq_n_s32(0); 8];
             for b in 0..nb {
                 // SAFETY: b < nb: the block is inside the row.
@@ -291,20 +296,19 @@ macro_rules! tq2_kernels {
         #[target_feature(enable = $features)]
         pub(crate) unsafe fn $gemm(
             w: &[u8],
-            nb: usize,
-            rows: usize,
+            sh: GemmShape,
             q: &[i8],
             q_sums: &[i32],
-            n: usize,
             out: &mut [i32],
         ) {
-            check_tq2_gemm(w, nb, rows, q, q_sums, n, out);
-            let (rb, qs) = (nb * BB, nb * BC);
-            gemm_tiles(rb, rows, n, 4, q_sums, out, |r, t0, tn| {
-                // SAFETY: row r < rows and tokens t0..t0+tn < n exist (lengths checked).
+            check_gemm(TQ2, w, sh, q, q_sums, out);
+            let (nb, qs) = (sh.blocks, sh.q_stride);
+            let rb = nb * BB;
+            gemm_tiles(rb, sh.rows, sh.tokens, 4, q_sums, out, |r, t0, tn| {
+                // SAFETY: row r < rows and tokens t0..t0+tn < tokens exist (lengths checked).
                 unsafe {
                     let (wr, qt) = (w.as_ptr().add(r * rb), q.as_ptr().add(t0 * qs));
-                    const_count!(tn, $tile(wr, nb, qt), 1 | 2 | 3 => 4)
+                    const_count!(tn, $tile(wr, nb, qt, qs), 1 | 2 | 3 => 4)
                 }
             });
         }
@@ -438,25 +442,22 @@ macro_rules! tq1_kernels {
         ///
         /// # Safety
         /// The CPU must support the features of this function's `target_feature`.
-        #[allow(clippy::too_many_arguments)]
         #[target_feature(enable = $features)]
         pub(crate) unsafe fn $gemm(
             w: &[u8],
-            nb: usize,
-            rows: usize,
+            sh: GemmShape,
             q: &[i8],
-            q_stride: usize,
             q_sums: &[i32],
-            n: usize,
             out: &mut [i32],
         ) {
-            check_tq1_gemm(w, nb, rows, q, q_stride, q_sums, n, out);
+            check_gemm(TQ1, w, sh, q, q_sums, out);
+            let (nb, qs) = (sh.blocks, sh.q_stride);
             let rb = nb * TQ1_BLOCK_BYTES;
-            gemm_tiles(rb, rows, n, 4, q_sums, out, |r, t0, tn| {
-                // SAFETY: row r < rows and tokens t0..t0+tn < n exist (lengths checked).
+            gemm_tiles(rb, sh.rows, sh.tokens, 4, q_sums, out, |r, t0, tn| {
+                // SAFETY: row r < rows and tokens t0..t0+tn < tokens exist (lengths checked).
                 let v = unsafe {
-                    let (wr, qt) = (w.as_ptr().add(r * rb), q.as_ptr().add(t0 * q_stride));
-                    const_count!(tn, $tile(wr, nb, qt, q_stride), 1 | 2 | 3 => 4)
+                    let (wr, qt) = (w.as_ptr().add(r * rb), q.as_ptr().add(t0 * qs));
+                    const_count!(tn, $tile(wr, nb, qt, qs), 1 | 2 | 3 => 4)
                 };
                 let mut res = [0i32; 8];
                 // SAFETY: `res` has room for 4 i32.

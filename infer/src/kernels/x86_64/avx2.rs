@@ -11,9 +11,9 @@
 use std::arch::x86_64::*;
 
 use crate::kernels::{
-    check_dense, check_q8_gemv, check_quantize, check_tq1_gemm, check_tq1_gemv, check_tq2_gemm,
-    check_tq2_gemv, gemm_tiles, gemv_groups, q8_row_stride, scalar, QuantRow, TQ1_BLOCK_BYTES,
-    TQ1_BLOCK_COLS, TQ2_BLOCK_BYTES as BB, TQ2_BLOCK_COLS as BC,
+    check_dense, check_gemm, check_q8_gemv, check_quantize, check_tq1_gemv, check_tq2_gemv,
+    gemm_tiles, gemv_groups, q8_row_stride, scalar, GemmShape, QuantRow, TQ1, TQ1_BLOCK_BYTES,
+    TQ1_BLOCK_COLS, TQ2, TQ2_BLOCK_BYTES as BB, TQ2_BLOCK_COLS as BC,
 };
 
 // ---- horizontal helpers ------------------------------------------------------------------
@@ -278,14 +278,13 @@ pub(crate) unsafe fn tq2_gemv(w: &[u8], nb: usize, q: &[i8], q_sum: i32, out: &m
 }
 
 /// `Σ code·q` of one row (`nb` blocks at `w`) with `T ≤ 8` activation rows starting at `q`
-/// (stride `nb · 128`): each block is unpacked once and used for all `T` tokens.
+/// (stride `qs`): each block is unpacked once and used for all `T` tokens.
 ///
 /// # Safety
-/// `w` readable for `nb · 32` bytes, `q` for `T · nb · 128`; AVX2 available.
+/// `w` readable for `nb · 32` bytes, `q` for `(T − 1) · qs + nb · 128`; AVX2 available.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn gemm_tile<const T: usize>(w: *const u8, nb: usize, q: *const i8) -> [i32; 8] {
-    let qs = nb * BC;
+unsafe fn gemm_tile<const T: usize>(w: *const u8, nb: usize, q: *const i8, qs: usize) -> [i32; 8] {
     let mut acc = [_mm256_setzero_si256(); 8];
     let mut b0 = 0;
     while b0 < nb {
@@ -336,32 +335,18 @@ fn tq2_gemm_tokens(row_len: usize) -> usize {
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn tq2_gemm(
-    w: &[u8],
-    nb: usize,
-    rows: usize,
-    q: &[i8],
-    q_sums: &[i32],
-    n: usize,
-    out: &mut [i32],
-) {
-    check_tq2_gemm(w, nb, rows, q, q_sums, n, out);
-    let (rb, qs) = (nb * BB, nb * BC);
-    gemm_tiles(
-        rb,
-        rows,
-        n,
-        tq2_gemm_tokens(qs),
-        q_sums,
-        out,
-        |r, t0, tn| {
-            // SAFETY: row r < rows and tokens t0..t0+tn < n exist (lengths checked above).
-            unsafe {
-                let (wr, qt) = (w.as_ptr().add(r * rb), q.as_ptr().add(t0 * qs));
-                const_count!(tn, gemm_tile(wr, nb, qt), 1 | 2 | 3 | 4 | 5 | 6 | 7 => GEMM_TOKENS)
-            }
-        },
-    );
+pub(crate) unsafe fn tq2_gemm(w: &[u8], sh: GemmShape, q: &[i8], q_sums: &[i32], out: &mut [i32]) {
+    check_gemm(TQ2, w, sh, q, q_sums, out);
+    let (nb, qs) = (sh.blocks, sh.q_stride);
+    let rb = nb * BB;
+    let tile = tq2_gemm_tokens(nb * BC);
+    gemm_tiles(rb, sh.rows, sh.tokens, tile, q_sums, out, |r, t0, tn| {
+        // SAFETY: row r < rows and tokens t0..t0+tn < tokens exist (lengths checked above).
+        unsafe {
+            let (wr, qt) = (w.as_ptr().add(r * rb), q.as_ptr().add(t0 * qs));
+            const_count!(tn, gemm_tile(wr, nb, qt, qs), 1 | 2 | 3 | 4 | 5 | 6 | 7 => GEMM_TOKENS)
+        }
+    });
 }
 
 // ---- dense GEMV --------------------------------------------------------------------------
@@ -759,25 +744,16 @@ unsafe fn tq1_gemm_tile<const T: usize>(
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn tq1_gemm(
-    w: &[u8],
-    nb: usize,
-    rows: usize,
-    q: &[i8],
-    q_stride: usize,
-    q_sums: &[i32],
-    n: usize,
-    out: &mut [i32],
-) {
-    check_tq1_gemm(w, nb, rows, q, q_stride, q_sums, n, out);
+pub(crate) unsafe fn tq1_gemm(w: &[u8], sh: GemmShape, q: &[i8], q_sums: &[i32], out: &mut [i32]) {
+    check_gemm(TQ1, w, sh, q, q_sums, out);
+    let (nb, qs) = (sh.blocks, sh.q_stride);
     let rb = nb * TQ1_BLOCK_BYTES;
-    gemm_tiles(rb, rows, n, 8, q_sums, out, |r, t0, tn| {
-        // SAFETY: row r < rows and tokens t0..t0+tn < n exist (lengths checked above).
+    gemm_tiles(rb, sh.rows, sh.tokens, 8, q_sums, out, |r, t0, tn| {
+        // SAFETY: row r < rows and tokens t0..t0+tn < tokens exist (lengths checked above).
         unsafe {
-            let (wr, qt) = (w.as_ptr().add(r * rb), q.as_ptr().add(t0 * q_stride));
-            const_count!(tn, tq1_gemm_tile(wr, nb, qt, q_stride), 1 | 2 | 3 | 4 | 5 | 6 | 7 => 8)
+            let (wr, qt) = (w.as_ptr().add(r * rb), q.as_ptr().add(t0 * qs));
+            const_count!(tn, tq1_gemm_tile(wr, nb, qt, qs), 1 | 2 | 3 | 4 | 5 | 6 | 7 => 8)
         }
     });
 }

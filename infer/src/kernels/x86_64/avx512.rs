@@ -19,8 +19,8 @@ macro_rules! avx512_kernels {
         use std::arch::x86_64::*;
 
         use crate::kernels::{
-            check_tq2_gemm, check_tq2_gemv, gemm_tiles, gemv_groups, TQ2_BLOCK_BYTES as BB,
-            TQ2_BLOCK_COLS as BC,
+            check_gemm, check_tq2_gemv, gemm_tiles, gemv_groups, GemmShape, TQ2,
+            TQ2_BLOCK_BYTES as BB, TQ2_BLOCK_COLS as BC,
         };
 
         /// Adds the two 256-bit halves of `v`.
@@ -131,14 +131,19 @@ macro_rules! avx512_kernels {
         }
 
         /// `Σ code·q` of one row (`nb` blocks at `w`) with `T ≤ 8` activation rows at `q`
-        /// (stride `nb · 128`), each unpacked block reused for all `T` tokens.
+        /// (stride `qs`), each unpacked block reused for all `T` tokens.
         ///
         /// # Safety
-        /// `w` readable for `nb · 32` bytes, `q` for `T · nb · 128`; features available.
+        /// `w` readable for `nb · 32` bytes, `q` for `(T − 1) · qs + nb · 128`; features
+        /// available.
         #[inline]
         #[target_feature(enable = $features)]
-        unsafe fn gemm_tile<const T: usize>(w: *const u8, nb: usize, q: *const i8) -> [i32; 8] {
-            let qs = nb * BC;
+        unsafe fn gemm_tile<const T: usize>(
+            w: *const u8,
+            nb: usize,
+            q: *const i8,
+            qs: usize,
+        ) -> [i32; 8] {
             let mut acc = [_mm512_setzero_si512(); 8];
             for b in 0..nb {
                 // SAFETY: b < nb: the block is inside the row.
@@ -171,20 +176,19 @@ macro_rules! avx512_kernels {
         #[target_feature(enable = $features)]
         pub(crate) unsafe fn tq2_gemm(
             w: &[u8],
-            nb: usize,
-            rows: usize,
+            sh: GemmShape,
             q: &[i8],
             q_sums: &[i32],
-            n: usize,
             out: &mut [i32],
         ) {
-            check_tq2_gemm(w, nb, rows, q, q_sums, n, out);
-            let (rb, qs) = (nb * BB, nb * BC);
-            gemm_tiles(rb, rows, n, GEMM_TOKENS, q_sums, out, |r, t0, tn| {
-                // SAFETY: row r < rows and tokens t0..t0+tn < n exist (lengths checked).
+            check_gemm(TQ2, w, sh, q, q_sums, out);
+            let (nb, qs) = (sh.blocks, sh.q_stride);
+            let rb = nb * BB;
+            gemm_tiles(rb, sh.rows, sh.tokens, GEMM_TOKENS, q_sums, out, |r, t0, tn| {
+                // SAFETY: row r < rows and tokens t0..t0+tn < tokens exist (lengths checked).
                 unsafe {
                     let (wr, qt) = (w.as_ptr().add(r * rb), q.as_ptr().add(t0 * qs));
-                    const_count!(tn, gemm_tile(wr, nb, qt), 1 | 2 | 3 | 4 | 5 | 6 | 7 => GEMM_TOKENS)
+                    const_count!(tn, gemm_tile(wr, nb, qt, qs), 1 | 2 | 3 | 4 | 5 | 6 | 7 => GEMM_TOKENS)
                 }
             });
         }
