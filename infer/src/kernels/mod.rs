@@ -506,25 +506,30 @@ pub(crate) fn gemm_chunk_rows(row_bytes: usize, rows: usize) -> usize {
     (16 * 1024 / row_bytes.max(1)).clamp(1, rows.max(1))
 }
 
-/// The loop every ternary GEMV kernel shares: rows in groups of four (one activation load
-/// serves four rows), then the one to three left; `dot(r, k)` returns `Σ code·q` of rows
-/// `r..r + k` in its first `k` lanes, and `out[r]` gets that minus `q_sum`.
+/// The loop every SIMD GEMV kernel shares (ternary and dense): rows in groups of four (one
+/// activation load serves four rows), then the one to three left; `dot(r, k)` returns the
+/// results of rows `r..r + k` in its first `k` entries, which go to `out[r..r + k]`.
 #[allow(dead_code)] // unused on targets with no SIMD kernels
 #[inline(always)]
-pub(crate) fn gemv_groups(
+pub(crate) fn gemv_groups<T: Copy>(out: &mut [T], mut dot: impl FnMut(usize, usize) -> [T; 4]) {
+    let mut r = 0;
+    while r < out.len() {
+        let k = (out.len() - r).min(4);
+        out[r..r + k].copy_from_slice(&dot(r, k)[..k]);
+        r += k;
+    }
+}
+
+/// [`gemv_groups`] for the ternary kernels: `dot` returns `Σ code·q`, and `out[r]` gets that
+/// minus `q_sum` (`Σ t·q = Σ code·q − Σ q`).
+#[allow(dead_code)] // unused on targets with no SIMD kernels
+#[inline(always)]
+pub(crate) fn ternary_gemv_groups(
     out: &mut [i32],
     q_sum: i32,
     mut dot: impl FnMut(usize, usize) -> [i32; 4],
 ) {
-    let mut r = 0;
-    while r < out.len() {
-        let k = (out.len() - r).min(4);
-        let res = dot(r, k);
-        for (o, v) in out[r..r + k].iter_mut().zip(res) {
-            *o = v - q_sum;
-        }
-        r += k;
-    }
+    gemv_groups(out, |r, k| dot(r, k).map(|v| v - q_sum));
 }
 
 /// The loop every GEMM kernel shares: rows in chunks of [`gemm_chunk_rows`] and tokens in

@@ -16,8 +16,8 @@ use std::arch::asm;
 
 use crate::kernels::{
     check_dense, check_gemm, check_q8_gemv, check_quantize, check_tq1_gemv, check_tq2_gemv,
-    gemm_tiles, gemv_groups, q8_row_stride, scalar, GemmShape, QuantRow, TQ1, TQ1_BLOCK_BYTES,
-    TQ1_BLOCK_COLS, TQ2, TQ2_BLOCK_BYTES as BB, TQ2_BLOCK_COLS as BC,
+    gemm_tiles, gemv_groups, q8_row_stride, scalar, ternary_gemv_groups, GemmShape, QuantRow, TQ1,
+    TQ1_BLOCK_BYTES, TQ1_BLOCK_COLS, TQ2, TQ2_BLOCK_BYTES as BB, TQ2_BLOCK_COLS as BC,
 };
 
 // ---- quantization ------------------------------------------------------------------------
@@ -240,7 +240,7 @@ macro_rules! tq2_kernels {
             check_tq2_gemv(w, nb, q, out);
             let rb = nb * BB;
             let (wp, qp) = (w.as_ptr(), q.as_ptr());
-            gemv_groups(out, q_sum, |r, k| {
+            ternary_gemv_groups(out, q_sum, |r, k| {
                 // SAFETY: rows r..r+k exist (w.len() == rows · rb), q has nb · 128 bytes.
                 let v = unsafe {
                     let wr = wp.add(r * rb);
@@ -399,7 +399,7 @@ macro_rules! tq1_kernels {
             check_tq1_gemv(w, nb, q, out);
             let rb = nb * TQ1_BLOCK_BYTES;
             let (wp, qp) = (w.as_ptr(), q.as_ptr());
-            gemv_groups(out, q_sum, |r, k| {
+            ternary_gemv_groups(out, q_sum, |r, k| {
                 // SAFETY: rows r..r+k exist (w.len() == rows · rb), q has nb · 160 bytes.
                 let v = unsafe {
                     let wr = wp.add(r * rb);
@@ -634,23 +634,11 @@ macro_rules! dense_gemv {
         #[target_feature(enable = "neon")]
         pub(crate) unsafe fn $name(w: &[$t], cols: usize, x: &[f32], out: &mut [f32]) {
             check_dense(w.len(), cols, x, out);
-            let rows = out.len();
             let wp = w.as_ptr();
-            let mut r = 0;
-            while r + 4 <= rows {
-                // SAFETY: rows r..r+4 exist (w.len() == rows · cols checked).
-                let v = unsafe { $rows_fn::<4>(wp.add(r * cols), cols, x) };
-                out[r..r + 4].copy_from_slice(&v);
-                r += 4;
-            }
-            let left = rows - r;
-            if left > 0 {
-                // SAFETY: rows r..r+left exist.
-                let v = unsafe {
-                    const_count!(left, $rows_fn(wp.add(r * cols), cols, x), 1 | 2 => 3)
-                };
-                out[r..].copy_from_slice(&v[..left]);
-            }
+            gemv_groups(out, |r, k| {
+                // SAFETY: rows r..r+k exist (w.len() == rows · cols checked).
+                unsafe { const_count!(k, $rows_fn(wp.add(r * cols), cols, x), 1 | 2 | 3 => 4) }
+            });
         }
     };
 }

@@ -19,7 +19,7 @@ macro_rules! avx512_kernels {
         use std::arch::x86_64::*;
 
         use crate::kernels::{
-            check_gemm, check_tq2_gemv, gemm_tiles, gemv_groups, GemmShape, TQ2,
+            check_gemm, check_tq2_gemv, gemm_tiles, ternary_gemv_groups, GemmShape, TQ2,
             TQ2_BLOCK_BYTES as BB, TQ2_BLOCK_COLS as BC,
         };
 
@@ -117,7 +117,7 @@ macro_rules! avx512_kernels {
             check_tq2_gemv(w, nb, q, out);
             let rb = nb * BB;
             let (wp, qp) = (w.as_ptr(), q.as_ptr());
-            gemv_groups(out, q_sum, |r, k| {
+            ternary_gemv_groups(out, q_sum, |r, k| {
                 // SAFETY: rows r..r+k exist (w.len() == rows · rb), q has nb · 128 bytes.
                 let v = unsafe {
                     let wr = wp.add(r * rb);
@@ -200,7 +200,7 @@ macro_rules! avx512_kernels {
 pub(crate) mod plain {
     avx512_kernels!("avx512f,avx512bw,avx2,fma,f16c", dot);
 
-    use crate::kernels::{check_dense, check_quantize, scalar, QuantRow};
+    use crate::kernels::{check_dense, check_quantize, gemv_groups, scalar, QuantRow};
 
     /// `acc + Σ c01·qa + Σ c23·qb` in i32 lanes via `vpmaddubsw` + `vpmaddwd`
     /// (|each i16 pair sum| ≤ 512, their sum ≤ 1024: no saturation).
@@ -390,23 +390,11 @@ pub(crate) mod plain {
             #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
             pub(crate) unsafe fn $name(w: &[$t], cols: usize, x: &[f32], out: &mut [f32]) {
                 check_dense(w.len(), cols, x, out);
-                let rows = out.len();
                 let wp = w.as_ptr();
-                let mut r = 0;
-                while r + 4 <= rows {
-                    // SAFETY: rows r..r+4 exist (w.len() == rows · cols checked).
-                    let v = unsafe { $rows_fn::<4>(wp.add(r * cols), cols, x) };
-                    out[r..r + 4].copy_from_slice(&v);
-                    r += 4;
-                }
-                let left = rows - r;
-                if left > 0 {
-                    // SAFETY: rows r..r+left exist.
-                    let v = unsafe {
-                        const_count!(left, $rows_fn(wp.add(r * cols), cols, x), 1 | 2 => 3)
-                    };
-                    out[r..].copy_from_slice(&v[..left]);
-                }
+                gemv_groups(out, |r, k| {
+                    // SAFETY: rows r..r+k exist (w.len() == rows · cols checked).
+                    unsafe { const_count!(k, $rows_fn(wp.add(r * cols), cols, x), 1 | 2 | 3 => 4) }
+                });
             }
         };
     }
