@@ -462,7 +462,7 @@ pub fn kernel_speeds(budget_bytes: usize) -> Vec<KernelSpeed> {
         });
         out.push(speed("bf16_gemv", &k, rows, cols, w.len() * 2, secs));
         drop(w);
-        let stride = crate::kernels::q8_row_stride(cols);
+        let stride = crate::kernels::q8_stride(cols);
         let w8: Vec<u8> = (0..rows * stride)
             .map(|i| if i % stride < 4 { 0 } else { (i % 251) as u8 })
             .collect();

@@ -37,8 +37,8 @@ impl Ternary<'_> {
     /// Columns per block of the layout.
     pub fn block_cols(&self) -> usize {
         match self.layout {
-            Layout::Tq1 => crate::kernels::TQ1_BLOCK_COLS,
-            _ => crate::kernels::TQ2_BLOCK_COLS,
+            Layout::Tq1 => tern_format::tq1::BLOCK_COLS,
+            _ => tern_format::tq2::BLOCK_COLS,
         }
     }
 
@@ -91,7 +91,7 @@ impl DenseMatrix<'_> {
                 }
             }
             Dense::Q8(w) => {
-                let stride = crate::kernels::q8_row_stride(self.cols);
+                let stride = crate::kernels::q8_stride(self.cols);
                 tern_format::q8row::dequantize_row(&w[r * stride..(r + 1) * stride], out);
             }
         }
@@ -102,7 +102,7 @@ impl DenseMatrix<'_> {
         match self.data {
             Dense::F32(_) => 4 * self.cols,
             Dense::F16(_) | Dense::Bf16(_) => 2 * self.cols,
-            Dense::Q8(_) => crate::kernels::q8_row_stride(self.cols),
+            Dense::Q8(_) => crate::kernels::q8_stride(self.cols),
         }
     }
 
@@ -120,7 +120,7 @@ impl DenseMatrix<'_> {
             Dense::F16(w) => k.f16_gemv(&w[range], self.cols, x, out),
             Dense::Bf16(w) => k.bf16_gemv(&w[range], self.cols, x, out),
             Dense::Q8(w) => {
-                let stride = crate::kernels::q8_row_stride(self.cols);
+                let stride = crate::kernels::q8_stride(self.cols);
                 k.q8_gemv(
                     &w[rows.start * stride..rows.end * stride],
                     self.cols,

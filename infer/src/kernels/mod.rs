@@ -29,6 +29,8 @@
 use std::fmt;
 use std::sync::OnceLock;
 
+use tern_format::{tq1, tq2};
+
 /// `f::<N>(args)` for a run-time count `k` (rows of a GEMV group, tokens of a GEMM tile):
 /// the kernels take that count as a const generic so their loops unroll. Counts not listed
 /// go to the last arm, the largest.
@@ -76,16 +78,6 @@ mod aarch64 {
 
 #[cfg(test)]
 mod tests;
-
-/// Columns per TQ2 block.
-pub const TQ2_BLOCK_COLS: usize = 128;
-/// Bytes per TQ2 block.
-pub const TQ2_BLOCK_BYTES: usize = 32;
-
-/// Columns per TQ1 block.
-pub const TQ1_BLOCK_COLS: usize = 160;
-/// Bytes per TQ1 block.
-pub const TQ1_BLOCK_BYTES: usize = 32;
 
 /// Result of quantizing one activation row (see [`Kernels::quantize_row`]).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -572,7 +564,7 @@ pub(crate) fn gemm_tiles(
 #[track_caller]
 pub(crate) fn check_quantize(x: &[f32], q: &[i8]) {
     assert!(
-        q.len().is_multiple_of(TQ2_BLOCK_COLS) && q.len() >= x.len(),
+        q.len().is_multiple_of(tq2::BLOCK_COLS) && q.len() >= x.len(),
         "quantize_row: q.len() = {} must be a multiple of 128 and >= x.len() = {}",
         q.len(),
         x.len()
@@ -584,12 +576,12 @@ pub(crate) fn check_quantize(x: &[f32], q: &[i8]) {
 pub(crate) fn check_tq2_gemv(w: &[u8], nb: usize, q: &[i8], out: &[i32]) {
     assert_eq!(
         q.len(),
-        nb * TQ2_BLOCK_COLS,
+        nb * tq2::BLOCK_COLS,
         "tq2_gemv: q.len() != nb * 128"
     );
     assert_eq!(
         Some(w.len()),
-        out.len().checked_mul(nb * TQ2_BLOCK_BYTES),
+        out.len().checked_mul(nb * tq2::BLOCK_BYTES),
         "tq2_gemv: w.len() != out.len() * nb * 32"
     );
 }
@@ -599,12 +591,12 @@ pub(crate) fn check_tq2_gemv(w: &[u8], nb: usize, q: &[i8], out: &[i32]) {
 pub(crate) fn check_tq1_gemv(w: &[u8], nb: usize, q: &[i8], out: &[i32]) {
     assert_eq!(
         q.len(),
-        nb * TQ1_BLOCK_COLS,
+        nb * tq1::BLOCK_COLS,
         "tq1_gemv: q.len() != nb * 160"
     );
     assert_eq!(
         Some(w.len()),
-        out.len().checked_mul(nb * TQ1_BLOCK_BYTES),
+        out.len().checked_mul(nb * tq1::BLOCK_BYTES),
         "tq1_gemv: w.len() != out.len() * nb * 32"
     );
 }
@@ -619,13 +611,13 @@ pub(crate) struct Blocks {
 
 pub(crate) const TQ2: Blocks = Blocks {
     name: "tq2_gemm",
-    bytes: TQ2_BLOCK_BYTES,
-    cols: TQ2_BLOCK_COLS,
+    bytes: tq2::BLOCK_BYTES,
+    cols: tq2::BLOCK_COLS,
 };
 pub(crate) const TQ1: Blocks = Blocks {
     name: "tq1_gemm",
-    bytes: TQ1_BLOCK_BYTES,
-    cols: TQ1_BLOCK_COLS,
+    bytes: tq1::BLOCK_BYTES,
+    cols: tq1::BLOCK_COLS,
 };
 
 #[inline]
@@ -715,18 +707,13 @@ pub(crate) fn check_attend(
     );
 }
 
-/// Bytes of one Q8_ROW record of `cols` columns.
-pub fn q8_row_stride(cols: usize) -> usize {
-    4 + cols.div_ceil(4) * 4
-}
-
 #[inline]
 #[track_caller]
 pub(crate) fn check_q8_gemv(w: &[u8], cols: usize, x: &[f32], out: &[f32]) {
     assert_eq!(x.len(), cols, "q8_gemv: x.len() != cols");
     assert_eq!(
         Some(w.len()),
-        out.len().checked_mul(q8_row_stride(cols)),
+        out.len().checked_mul(q8_stride(cols)),
         "q8_gemv: w.len() != out.len() * row stride"
     );
 }
@@ -740,4 +727,10 @@ pub(crate) fn check_dense(w_len: usize, cols: usize, x: &[f32], out: &[f32]) {
         out.len().checked_mul(cols),
         "dense gemv: w.len() != out.len() * cols"
     );
+}
+
+/// Bytes of one Q8_ROW record of `cols` columns (`tern_format::q8row::row_stride`).
+#[inline]
+pub(crate) fn q8_stride(cols: usize) -> usize {
+    tern_format::q8row::row_stride(cols as u64) as usize
 }

@@ -711,7 +711,7 @@ fn tq1_gemv_all_isas_match_scalar_and_naive() {
         ];
         for (fill, act) in cases {
             let (w, trits) = make_tq1(&mut rng, rows, cols, fill);
-            let mut q = vec![0i8; nb * TQ1_BLOCK_COLS];
+            let mut q = vec![0i8; nb * tq1::BLOCK_COLS];
             for v in &mut q[..cols] {
                 *v = act.unwrap_or_else(|| rng.i8());
             }
@@ -739,11 +739,11 @@ fn tq1_gemm_all_isas_match_scalar_and_naive() {
     let mut rng = Rng::new(71);
     for case in 0..120 {
         let nb = rng.range(1, 45);
-        let cols = nb * TQ1_BLOCK_COLS - rng.range(0, TQ1_BLOCK_COLS - 1);
+        let cols = nb * tq1::BLOCK_COLS - rng.range(0, tq1::BLOCK_COLS - 1);
         let rows = rng.range(1, 23);
         let n = if case < 9 { case + 1 } else { rng.range(1, 11) };
         // The model's stride: nb · 160 rounded up to the quantizer's 128, sometimes more.
-        let stride = (nb * TQ1_BLOCK_COLS).div_ceil(128) * 128 + 128 * rng.range(0, 2);
+        let stride = (nb * tq1::BLOCK_COLS).div_ceil(128) * 128 + 128 * rng.range(0, 2);
         let fill = [0i8, 0, 1, -1][case % 4];
         let (w, trits) = make_tq1(&mut rng, rows, cols, fill);
         let mut q = vec![0i8; n * stride];
@@ -757,7 +757,7 @@ fn tq1_gemm_all_isas_match_scalar_and_naive() {
                 *v = act.unwrap_or_else(|| rng.i8());
             }
             // Bytes beyond nb · 160 are not read: make them loud.
-            for v in &mut q[t * stride + nb * TQ1_BLOCK_COLS..(t + 1) * stride] {
+            for v in &mut q[t * stride + nb * tq1::BLOCK_COLS..(t + 1) * stride] {
                 *v = 99;
             }
         }
@@ -804,10 +804,10 @@ fn tq1_gemv_every_byte_value_is_consistent_across_isas() {
     let mut rng = Rng::new(5);
     let nb = 8;
     let rows = 9;
-    let w: Vec<u8> = (0..rows * nb * TQ1_BLOCK_BYTES)
+    let w: Vec<u8> = (0..rows * nb * tq1::BLOCK_BYTES)
         .map(|i| (i * 7 % 256) as u8)
         .collect();
-    let q: Vec<i8> = (0..nb * TQ1_BLOCK_COLS).map(|_| rng.i8()).collect();
+    let q: Vec<i8> = (0..nb * tq1::BLOCK_COLS).map(|_| rng.i8()).collect();
     let q_sum: i32 = q.iter().map(|&v| v as i32).sum();
     let mut want = vec![0i32; rows];
     scalar_kernels().tq1_gemv(&w, nb, &q, q_sum, &mut want);
@@ -835,7 +835,7 @@ fn q8_gemv_all_isas_close_to_exact() {
     let ks = variants();
     let mut rng = Rng::new(32);
     for (rows, cols) in [(1, 1), (3, 7), (5, 8), (4, 33), (9, 100), (17, 2560)] {
-        let stride = q8_row_stride(cols);
+        let stride = q8_stride(cols);
         let wf: Vec<f32> = (0..rows * cols).map(|_| rng.unit()).collect();
         let x: Vec<f32> = (0..cols).map(|_| 4.0 * rng.unit()).collect();
         let mut w = vec![0xAAu8; rows * stride];

@@ -16,9 +16,9 @@ use std::arch::asm;
 
 use crate::kernels::{
     check_dense, check_gemm, check_q8_gemv, check_quantize, check_tq1_gemv, check_tq2_gemv,
-    gemm_tiles, gemv_groups, q8_row_stride, scalar, ternary_gemv_groups, GemmShape, QuantRow, TQ1,
-    TQ1_BLOCK_BYTES, TQ1_BLOCK_COLS, TQ2, TQ2_BLOCK_BYTES as BB, TQ2_BLOCK_COLS as BC,
+    gemm_tiles, gemv_groups, q8_stride, scalar, ternary_gemv_groups, GemmShape, QuantRow, TQ1, TQ2,
 };
+use tern_format::{tq1, tq2};
 
 // ---- quantization ------------------------------------------------------------------------
 
@@ -217,14 +217,14 @@ macro_rules! tq2_kernels {
         #[inline]
         #[target_feature(enable = $features)]
         unsafe fn $rows<const R: usize>(w: *const u8, nb: usize, q: *const i8) -> int32x4_t {
-            let rb = nb * BB;
+            let rb = nb * tq2::BLOCK_BYTES;
             let mut acc = [vdupq_n_s32(0); 4];
             for b in 0..nb {
                 // SAFETY: b < nb: the block's activations are in bounds.
-                let qv = unsafe { load_q::<8>(q.add(b * BC)) };
+                let qv = unsafe { load_q::<8>(q.add(b * tq2::BLOCK_COLS)) };
                 for (r, a) in acc.iter_mut().enumerate().take(R) {
                     // SAFETY: r < R, b < nb: the block lies inside the R rows at `w`.
-                    let codes = unsafe { unpack(w.add(r * rb + b * BB)) };
+                    let codes = unsafe { unpack(w.add(r * rb + b * tq2::BLOCK_BYTES)) };
                     *a = $block_dot(*a, &codes, &qv);
                 }
             }
@@ -238,7 +238,7 @@ macro_rules! tq2_kernels {
         #[target_feature(enable = $features)]
         pub(crate) unsafe fn $gemv(w: &[u8], nb: usize, q: &[i8], q_sum: i32, out: &mut [i32]) {
             check_tq2_gemv(w, nb, q, out);
-            let rb = nb * BB;
+            let rb = nb * tq2::BLOCK_BYTES;
             let (wp, qp) = (w.as_ptr(), q.as_ptr());
             ternary_gemv_groups(out, q_sum, |r, k| {
                 // SAFETY: rows r..r+k exist (w.len() == rows · rb), q has nb · 128 bytes.
@@ -270,10 +270,10 @@ macro_rules! tq2_kernels {
             let mut acc = [vdupq_n_s32(0); 8];
             for b in 0..nb {
                 // SAFETY: b < nb: the block is inside the row.
-                let codes = unsafe { unpack(w.add(b * BB)) };
+                let codes = unsafe { unpack(w.add(b * tq2::BLOCK_BYTES)) };
                 for (t, a) in acc.iter_mut().enumerate().take(T) {
                     // SAFETY: t < T, b < nb: inside activation row t.
-                    let qv = unsafe { load_q::<8>(q.add(t * qs + b * BC)) };
+                    let qv = unsafe { load_q::<8>(q.add(t * qs + b * tq2::BLOCK_COLS)) };
                     *a = $block_dot(*a, &codes, &qv);
                 }
             }
@@ -303,7 +303,7 @@ macro_rules! tq2_kernels {
         ) {
             check_gemm(TQ2, w, sh, q, q_sums, out);
             let (nb, qs) = (sh.blocks, sh.q_stride);
-            let rb = nb * BB;
+            let rb = nb * tq2::BLOCK_BYTES;
             gemm_tiles(rb, sh.rows, sh.tokens, 4, q_sums, out, |r, t0, tn| {
                 // SAFETY: row r < rows and tokens t0..t0+tn < tokens exist (lengths checked).
                 unsafe {
@@ -376,14 +376,14 @@ macro_rules! tq1_kernels {
         #[inline]
         #[target_feature(enable = $features)]
         unsafe fn $rows<const R: usize>(w: *const u8, nb: usize, q: *const i8) -> int32x4_t {
-            let rb = nb * TQ1_BLOCK_BYTES;
+            let rb = nb * tq1::BLOCK_BYTES;
             let mut acc = [vdupq_n_s32(0); 4];
             for b in 0..nb {
                 // SAFETY: b < nb: the block's activations are in bounds.
-                let qv = unsafe { load_q::<10>(q.add(b * TQ1_BLOCK_COLS)) };
+                let qv = unsafe { load_q::<10>(q.add(b * tq1::BLOCK_COLS)) };
                 for (r, a) in acc.iter_mut().enumerate().take(R) {
                     // SAFETY: r < R, b < nb: the block lies inside the R rows at `w`.
-                    let d = unsafe { unpack_tq1(w.add(r * rb + b * TQ1_BLOCK_BYTES)) };
+                    let d = unsafe { unpack_tq1(w.add(r * rb + b * tq1::BLOCK_BYTES)) };
                     *a = $block_dot(*a, &d, &qv);
                 }
             }
@@ -397,7 +397,7 @@ macro_rules! tq1_kernels {
         #[target_feature(enable = $features)]
         pub(crate) unsafe fn $gemv(w: &[u8], nb: usize, q: &[i8], q_sum: i32, out: &mut [i32]) {
             check_tq1_gemv(w, nb, q, out);
-            let rb = nb * TQ1_BLOCK_BYTES;
+            let rb = nb * tq1::BLOCK_BYTES;
             let (wp, qp) = (w.as_ptr(), q.as_ptr());
             ternary_gemv_groups(out, q_sum, |r, k| {
                 // SAFETY: rows r..r+k exist (w.len() == rows · rb), q has nb · 160 bytes.
@@ -428,10 +428,10 @@ macro_rules! tq1_kernels {
             let mut acc = [vdupq_n_s32(0); 4];
             for b in 0..nb {
                 // SAFETY: b < nb: the block is inside the row.
-                let d = unsafe { unpack_tq1(w.add(b * TQ1_BLOCK_BYTES)) };
+                let d = unsafe { unpack_tq1(w.add(b * tq1::BLOCK_BYTES)) };
                 for (t, a) in acc.iter_mut().enumerate().take(T) {
                     // SAFETY: t < T, b < nb: the block's activations of token t.
-                    let qv = unsafe { load_q::<10>(q.add(t * qs + b * TQ1_BLOCK_COLS)) };
+                    let qv = unsafe { load_q::<10>(q.add(t * qs + b * tq1::BLOCK_COLS)) };
                     *a = $block_dot(*a, &d, &qv);
                 }
             }
@@ -452,7 +452,7 @@ macro_rules! tq1_kernels {
         ) {
             check_gemm(TQ1, w, sh, q, q_sums, out);
             let (nb, qs) = (sh.blocks, sh.q_stride);
-            let rb = nb * TQ1_BLOCK_BYTES;
+            let rb = nb * tq1::BLOCK_BYTES;
             gemm_tiles(rb, sh.rows, sh.tokens, 4, q_sums, out, |r, t0, tn| {
                 // SAFETY: row r < rows and tokens t0..t0+tn < tokens exist (lengths checked).
                 let v = unsafe {
@@ -495,7 +495,7 @@ tq1_kernels!(
 #[target_feature(enable = "neon")]
 pub(crate) unsafe fn q8_gemv(w: &[u8], cols: usize, x: &[f32], out: &mut [f32]) {
     check_q8_gemv(w, cols, x, out);
-    let stride = q8_row_stride(cols);
+    let stride = q8_stride(cols);
     let xp = x.as_ptr();
     for (o, rec) in out.iter_mut().zip(w.chunks_exact(stride)) {
         let scale = f32::from_le_bytes([rec[0], rec[1], rec[2], rec[3]]);

@@ -20,8 +20,9 @@ macro_rules! avx512_kernels {
 
         use crate::kernels::{
             check_gemm, check_tq2_gemv, gemm_tiles, ternary_gemv_groups, GemmShape, TQ2,
-            TQ2_BLOCK_BYTES as BB, TQ2_BLOCK_COLS as BC,
+
         };
+        use tern_format::tq2;
 
         /// Adds the two 256-bit halves of `v`.
         #[inline]
@@ -89,7 +90,7 @@ macro_rules! avx512_kernels {
         #[inline]
         #[target_feature(enable = $features)]
         unsafe fn gemv_rows<const R: usize>(w: *const u8, nb: usize, q: *const i8) -> __m128i {
-            let rb = nb * BB;
+            let rb = nb * tq2::BLOCK_BYTES;
             let mut acc = [_mm512_setzero_si512(); 4];
             // Prefetch the next group of rows (the 4·rb bytes after these), 128 bytes per
             // block, as in the AVX2 kernel. Prefetches never fault: `wrapping_add`.
@@ -98,10 +99,10 @@ macro_rules! avx512_kernels {
                 _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(b * 128) as *const i8);
                 _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(b * 128 + 64) as *const i8);
                 // SAFETY: b < nb: the block's activations are in bounds.
-                let (qa, qb) = unsafe { load_q(q.add(b * BC)) };
+                let (qa, qb) = unsafe { load_q(q.add(b * tq2::BLOCK_COLS)) };
                 for (r, a) in acc.iter_mut().enumerate().take(R) {
                     // SAFETY: r < R, b < nb: the block lies inside the R rows at `w`.
-                    let (c01, c23) = unsafe { unpack(w.add(r * rb + b * BB)) };
+                    let (c01, c23) = unsafe { unpack(w.add(r * rb + b * tq2::BLOCK_BYTES)) };
                     *a = $dot(*a, c01, qa, c23, qb);
                 }
             }
@@ -115,7 +116,7 @@ macro_rules! avx512_kernels {
         #[target_feature(enable = $features)]
         pub(crate) unsafe fn tq2_gemv(w: &[u8], nb: usize, q: &[i8], q_sum: i32, out: &mut [i32]) {
             check_tq2_gemv(w, nb, q, out);
-            let rb = nb * BB;
+            let rb = nb * tq2::BLOCK_BYTES;
             let (wp, qp) = (w.as_ptr(), q.as_ptr());
             ternary_gemv_groups(out, q_sum, |r, k| {
                 // SAFETY: rows r..r+k exist (w.len() == rows · rb), q has nb · 128 bytes.
@@ -147,10 +148,10 @@ macro_rules! avx512_kernels {
             let mut acc = [_mm512_setzero_si512(); 8];
             for b in 0..nb {
                 // SAFETY: b < nb: the block is inside the row.
-                let (c01, c23) = unsafe { unpack(w.add(b * BB)) };
+                let (c01, c23) = unsafe { unpack(w.add(b * tq2::BLOCK_BYTES)) };
                 for (t, a) in acc.iter_mut().enumerate().take(T) {
                     // SAFETY: t < T, b < nb: inside activation row t.
-                    let (qa, qb) = unsafe { load_q(q.add(t * qs + b * BC)) };
+                    let (qa, qb) = unsafe { load_q(q.add(t * qs + b * tq2::BLOCK_COLS)) };
                     *a = $dot(*a, c01, qa, c23, qb);
                 }
             }
@@ -183,7 +184,7 @@ macro_rules! avx512_kernels {
         ) {
             check_gemm(TQ2, w, sh, q, q_sums, out);
             let (nb, qs) = (sh.blocks, sh.q_stride);
-            let rb = nb * BB;
+            let rb = nb * tq2::BLOCK_BYTES;
             gemm_tiles(rb, sh.rows, sh.tokens, GEMM_TOKENS, q_sums, out, |r, t0, tn| {
                 // SAFETY: row r < rows and tokens t0..t0+tn < tokens exist (lengths checked).
                 unsafe {
