@@ -7,6 +7,8 @@ use std::io::{BufWriter, Write};
 use std::path::Path;
 
 use half::bf16;
+use rand::rngs::SmallRng;
+use rand::{RngCore, SeedableRng};
 use serde_json::json;
 use tern_format::{
     expected_tensors, Activation, Architecture, Layout, Metadata, ModelConfig, Provenance,
@@ -94,15 +96,15 @@ impl Preset {
     }
 }
 
-/// xorshift64*: fast, deterministic noise.
-struct Noise(u64);
+/// Seeded noise.
+struct Noise(SmallRng);
 
 impl Noise {
+    fn new(seed: u64) -> Self {
+        Noise(SmallRng::seed_from_u64(seed))
+    }
     fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        self.0.next_u64()
     }
     /// Roughly N(0, 1): a sum of four uniforms.
     fn normal(&mut self) -> f32 {
@@ -226,7 +228,7 @@ pub fn synth_tern_with(
         .map(|s| s.layout.byte_len(&s.shape).unwrap_or(0))
         .sum();
     let mut writer = Writer::create(path, &metadata(preset, config), &tokenizer, specs.clone())?;
-    let mut noise = Noise(seed | 1);
+    let mut noise = Noise::new(seed);
     let mut done = 0;
     for (spec, (_, shape, role)) in specs.iter().zip(&plan) {
         match role {
@@ -398,7 +400,7 @@ pub fn synth_hf(
     out.write_all(&(header.len() as u64).to_le_bytes())
         .map_err(io(&path))?;
     out.write_all(&header).map_err(io(&path))?;
-    let mut noise = Noise(seed | 1);
+    let mut noise = Noise::new(seed);
     let (mut done, total) = (0u64, offset);
     let mut buf = Vec::with_capacity(8 << 20);
     for (name, dtype, shape, role) in &tensors {

@@ -3,6 +3,8 @@
 //! against naive formulas and the worked example of format.md §6.1.
 
 use super::*;
+use rand::rngs::SmallRng;
+use rand::{RngCore, SeedableRng};
 use tern_format::tq2::pack_row as tq2_pack_row;
 
 fn tq2_row_bytes_usize(cols: usize) -> usize {
@@ -17,20 +19,15 @@ fn tq2_unpack_row(bytes: &[u8], cols: usize, out: &mut [i8]) -> Result<(), usize
     tern_format::tq2::unpack_row(bytes, &mut out[..cols])
 }
 
-/// xorshift64* — small deterministic PRNG, no dependency.
-struct Rng(u64);
+/// Seeded test inputs.
+struct Rng(SmallRng);
 
 impl Rng {
     fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+        Rng(SmallRng::seed_from_u64(seed))
     }
     fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        self.0.next_u64()
     }
     /// Uniform in `lo..=hi`.
     fn range(&mut self, lo: usize, hi: usize) -> usize {
