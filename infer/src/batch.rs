@@ -56,7 +56,7 @@ impl Batch {
         tokens: &[u32],
     ) -> Result<(), InferError> {
         let c = &model.config;
-        let (n, h, vocab) = (seqs.len(), c.hidden_size as usize, c.vocab_size as usize);
+        let (n, h) = (seqs.len(), c.hidden_size as usize);
         if tokens.len() != n || n > PREFILL_CHUNK {
             return Err(InferError::Input(format!(
                 "a decode step takes one token for each of at most {PREFILL_CHUNK} \
@@ -64,11 +64,7 @@ impl Batch {
                 tokens.len()
             )));
         }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(InferError::Input(format!(
-                "token id {bad} is outside the vocabulary of {vocab}"
-            )));
-        }
+        crate::model::check_vocab(c, tokens)?;
         self.work.check(pool, 0)?;
         for st in seqs.iter() {
             st.check(pool, 1)?;

@@ -382,6 +382,15 @@ pub struct State {
     pub logits: Vec<f32>,
 }
 
+/// Every id of `tokens` is inside the model's vocabulary.
+pub(crate) fn check_vocab(config: &ModelConfig, tokens: &[u32]) -> Result<(), InferError> {
+    let vocab = config.vocab_size as usize;
+    match tokens.iter().find(|&&t| t as usize >= vocab) {
+        Some(&id) => Err(InferError::TokenOutOfVocab { id, vocab }),
+        None => Ok(()),
+    }
+}
+
 /// A zeroed buffer of `n` values; `None` (an overflowed size) is an error naming `what`.
 fn zeroed<T: Clone + Default>(n: Option<usize>, what: &str) -> Result<Vec<T>, InferError> {
     let bytes = n.and_then(|n| n.checked_mul(std::mem::size_of::<T>()));
@@ -679,13 +688,9 @@ impl Model<'_> {
         want: Logits,
         probe: &mut dyn Probe,
     ) -> Result<(), InferError> {
-        let vocab = self.config.vocab_size as usize;
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(InferError::Input(format!(
-                "token id {bad} is outside the vocabulary of {vocab}"
-            )));
-        }
+        check_vocab(&self.config, tokens)?;
         state.check(pool, tokens.len())?;
+        let vocab = self.config.vocab_size as usize;
         for (i, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
             let last = (i + 1) * PREFILL_CHUNK >= tokens.len();
             let logits_at = match want {
