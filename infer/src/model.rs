@@ -336,6 +336,46 @@ impl KvCache {
     }
 }
 
+/// Where the tokens of a batch keep their keys and values.
+pub(crate) enum Caches<'a, 'b> {
+    /// Consecutive tokens of one sequence: token `t` is at position `pos0 + t` of `cache`.
+    One { cache: &'a mut KvCache, pos0: usize },
+    /// Batched decode: token `t` is the next token of sequence `seqs[t]`.
+    Each(&'a mut [&'b mut State]),
+}
+
+impl Caches<'_, '_> {
+    /// Stores token `t`'s key and value of layer `l`.
+    fn store(&mut self, l: usize, t: usize, k: &[f32], v: &[f32]) {
+        match self {
+            Caches::One { cache, pos0 } => cache.store(l, *pos0 + t, k, v),
+            Caches::Each(seqs) => {
+                let st = &mut *seqs[t];
+                st.cache.store(l, st.pos, k, v);
+            }
+        }
+    }
+
+    /// Token `t`'s cached keys and values of layer `l`, and how many positions it sees.
+    fn layer(&self, l: usize, t: usize) -> (&[f32], &[f32], usize) {
+        let (cache, pos) = match self {
+            Caches::One { cache, pos0 } => (&**cache, *pos0 + t),
+            Caches::Each(seqs) => (&seqs[t].cache, seqs[t].pos),
+        };
+        let (keys, values) = cache.layer(l);
+        (keys, values, pos + 1)
+    }
+
+    /// Tokens the attention heads are grouped for: all `n` of one sequence; one for batched
+    /// decode, so that each sequence's heads are grouped (and computed) as when it is alone.
+    fn grouping_tokens(&self, n: usize) -> usize {
+        match self {
+            Caches::One { .. } => n,
+            Caches::Each(_) => 1,
+        }
+    }
+}
+
 /// The int8 activations of the last quantization, and the products of the matrix calls
 /// that read them.
 pub(crate) struct Quantized {
@@ -723,7 +763,11 @@ impl Model<'_> {
         s.set_angles(&self.inv_freq, st.pos, n);
         for (l, layer) in self.layers.iter().enumerate() {
             probe.hidden(l, &s.x[..n * h]);
-            self.attention_block(pool, l, layer, s, &mut st.cache, st.pos, n, probe);
+            let mut caches = Caches::One {
+                cache: &mut st.cache,
+                pos0: st.pos,
+            };
+            self.attention_block(pool, l, s, &mut caches, n, probe);
             self.mlp_block(pool, l, layer, s, n, probe);
         }
         self.final_norm_rows(&mut s.x[..n * h]);
@@ -732,20 +776,17 @@ impl Model<'_> {
     }
 
     /// `x += o_proj(attention(q, k, v))` with q, k, v from one quantization of the normed
-    /// input; the new keys and values are stored in layer `l`'s cache at `pos0..pos0 + n`.
-    #[allow(clippy::too_many_arguments)]
-    fn attention_block(
+    /// input; the new keys and values of layer `l` go to the token's cache (see [`Caches`]).
+    pub(crate) fn attention_block(
         &self,
         pool: &Pool,
         l: usize,
-        layer: &Layer,
         s: &mut Scratch,
-        cache: &mut KvCache,
-        pos0: usize,
+        caches: &mut Caches,
         n: usize,
         probe: &mut dyn Probe,
     ) {
-        let c = &self.config;
+        let (c, layer) = (&self.config, &self.layers[l]);
         let (h, d, eps) = (
             c.hidden_size as usize,
             c.head_dim as usize,
@@ -776,14 +817,9 @@ impl Model<'_> {
             for head in k[t * kv..(t + 1) * kv].chunks_exact_mut(d) {
                 rope(head, at, c.rope_style);
             }
-            cache.store(
-                l,
-                pos0 + t,
-                &k[t * kv..(t + 1) * kv],
-                &v[t * kv..(t + 1) * kv],
-            );
+            caches.store(l, t, &k[t * kv..(t + 1) * kv], &v[t * kv..(t + 1) * kv]);
         }
-        self.attention(pool, s, cache.layer(l), pos0, n);
+        self.attention(pool, s, caches, l, n);
         let Scratch {
             x,
             xn,
@@ -926,24 +962,21 @@ impl Model<'_> {
             let s = &mut state.scratch;
             s.x[..chunk.len()].copy_from_slice(chunk);
             s.set_angles(&self.inv_freq, pos0, n);
-            self.attention_block(pool, layer, weights, s, &mut state.cache, pos0, n, probe);
+            let mut caches = Caches::One {
+                cache: &mut state.cache,
+                pos0,
+            };
+            self.attention_block(pool, layer, s, &mut caches, n, probe);
             self.mlp_block(pool, layer, weights, s, n, probe);
             chunk.copy_from_slice(&s.x[..chunk.len()]);
         }
         Ok(())
     }
 
-    /// Causal self-attention of the `n` queries in `s.q` (positions `pos0..`) against the
-    /// cached keys and values of their layer, into `s.att_out` (eager: softmax in f32, the
-    /// 1/sqrt(d) scale applied after q·k). Heads are spread over the pool.
-    fn attention(
-        &self,
-        pool: &Pool,
-        s: &mut Scratch,
-        (keys, values): (&[f32], &[f32]),
-        pos0: usize,
-        n: usize,
-    ) {
+    /// Causal self-attention of the `n` queries in `s.q` against their cached keys and
+    /// values of layer `l`, into `s.att_out` (eager: softmax in f32, the 1/sqrt(d) scale
+    /// applied after q·k). Heads are spread over the pool.
+    fn attention(&self, pool: &Pool, s: &mut Scratch, caches: &Caches, l: usize, n: usize) {
         let c = &self.config;
         let d = c.head_dim as usize;
         let (heads, kv) = (c.num_attention_heads as usize, c.kv_dim() as usize);
@@ -962,11 +995,12 @@ impl Model<'_> {
         // that is what keeps the workers evenly loaded (2B-4T decode on 2 threads: 5 groups
         // of 4 heads become 10 units of 2).
         let threads = pool.threads();
+        let tokens = caches.grouping_tokens(n);
         let m = (1..=group)
             .rev()
             .filter(|m| group.is_multiple_of(*m))
             .find(|m| {
-                let units = n * heads / m;
+                let units = tokens * heads / m;
                 units.is_multiple_of(threads) || units >= 4 * threads
             })
             .unwrap_or(1);
@@ -975,11 +1009,12 @@ impl Model<'_> {
             let mut scores = scores[worker].lock().expect("no poisoned scores");
             for (u, first) in r.step_by(m).enumerate() {
                 let (t, head0) = (first / heads, first % heads);
+                let (keys, values, len) = caches.layer(l, t);
                 let g = head0 / group;
                 let shape = AttendShape {
                     heads: m,
                     head_dim: d,
-                    len: pos0 + t + 1,
+                    len,
                     stride: kv,
                     scale,
                 };
