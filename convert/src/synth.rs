@@ -12,7 +12,7 @@ use rand::{RngCore, SeedableRng};
 use serde_json::json;
 use tern_format::{
     expected_tensors, Activation, Architecture, Layout, Metadata, ModelConfig, Provenance,
-    RopeStyle, ScaleConvention, TensorRole, TensorSpec, Writer,
+    ScaleConvention, TensorRole, TensorSpec, Writer,
 };
 
 use crate::error::{io, ConvertError, Result};
@@ -52,8 +52,7 @@ impl Preset {
     }
 
     pub fn config(self) -> ModelConfig {
-        let bitnet = |hidden, layers, heads, kv, inter, vocab| ModelConfig {
-            architecture: Architecture::Bitnet,
+        let bitnet = |hidden, layers, heads, kv, inter, vocab: u64| ModelConfig {
             hidden_size: hidden,
             num_hidden_layers: layers,
             num_attention_heads: heads,
@@ -61,20 +60,10 @@ impl Preset {
             head_dim: hidden / heads,
             intermediate_size: inter,
             vocab_size: vocab,
-            max_position_embeddings: 4096,
-            rms_norm_eps: 1e-5,
-            rope_theta: 500000.0,
-            rope_style: RopeStyle::RotateHalf,
-            rope_scaling: None,
-            activation: Activation::Relu2,
-            attention_bias: false,
-            mlp_bias: false,
-            attn_sub_norm: true,
-            ffn_sub_norm: true,
-            tie_word_embeddings: true,
             bos_token_id: Some((vocab - 2) as u32),
             eos_token_ids: vec![(vocab - 1) as u32],
             add_bos_token: true,
+            ..ModelConfig::bitnet_b158()
         };
         let llama = |hidden, layers, heads, kv, head_dim, inter, vocab, theta| ModelConfig {
             architecture: Architecture::Llama,
@@ -190,21 +179,22 @@ pub fn synth_tern(
         preset,
         path,
         seed,
-        crate::TernaryFormat::Tq2,
-        crate::HeadFormat::Exact,
+        (crate::TernaryFormat::Tq2, crate::HeadFormat::Exact),
+        false,
         progress,
     )
 }
 
 /// [`synth_tern`] with a choice of ternary layout and head format (the same noise: a TQ1
 /// file holds the same trits as the TQ2 one of the same seed; a Q8 head is the bf16 noise
-/// quantized per row).
+/// quantized per row). Unless `replace`, an existing `path` is left alone and the call
+/// fails with [`ConvertError::OutputExists`] (checked atomically when the file is linked).
 pub fn synth_tern_with(
     preset: Preset,
     path: &Path,
     seed: u64,
-    ternary: crate::TernaryFormat,
-    head: crate::HeadFormat,
+    (ternary, head): (crate::TernaryFormat, crate::HeadFormat),
+    replace: bool,
     progress: &dyn Fn(u64, u64),
 ) -> Result<()> {
     let q8 = head == crate::HeadFormat::Q8;
@@ -227,7 +217,8 @@ pub fn synth_tern_with(
         .iter()
         .map(|s| s.layout.byte_len(&s.shape).unwrap_or(0))
         .sum();
-    let mut writer = Writer::create(path, &metadata(preset, config), &tokenizer, specs.clone())?;
+    let mut writer = Writer::create(path, &metadata(preset, config), &tokenizer, specs.clone())?
+        .replace_existing(replace);
     let mut noise = Noise::new(seed);
     let mut done = 0;
     for (spec, (_, shape, role)) in specs.iter().zip(&plan) {
@@ -293,7 +284,10 @@ pub fn synth_tern_with(
         }
         progress(done, total);
     }
-    writer.finish()?;
+    writer.finish().map_err(|e| match e {
+        tern_format::Error::Exists { path } => ConvertError::OutputExists(path),
+        e => e.into(),
+    })?;
     Ok(())
 }
 
@@ -307,16 +301,26 @@ pub enum HfFlavour {
 }
 
 /// Writes a random checkpoint of `preset`'s shape as a Hugging Face folder in the exact
-/// on-disk layout of its family (one model.safetensors), for converter benchmarks.
+/// on-disk layout of its family (one model.safetensors), for converter benchmarks. Unless
+/// `replace`, the folder must not exist yet ([`ConvertError::OutputExists`]).
 pub fn synth_hf(
     preset: Preset,
     flavour: HfFlavour,
     dir: &Path,
     seed: u64,
+    replace: bool,
     progress: &dyn Fn(u64, u64),
 ) -> Result<()> {
     let c = preset.config();
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    if replace {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+    } else {
+        // create_dir fails if the folder exists, atomically: nothing in it is replaced.
+        std::fs::create_dir(dir).map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => ConvertError::OutputExists(dir.to_path_buf()),
+            _ => io(dir)(e),
+        })?;
+    }
     let llama = c.architecture == Architecture::Llama;
     if llama && flavour == HfFlavour::Bf16 {
         return Err(ConvertError::Unsupported(
