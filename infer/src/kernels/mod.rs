@@ -504,11 +504,18 @@ pub(crate) fn gemm_chunk_rows(row_bytes: usize, rows: usize) -> usize {
 #[allow(dead_code)] // unused on targets with no SIMD kernels
 #[inline(always)]
 pub(crate) fn gemv_groups<T: Copy>(out: &mut [T], mut dot: impl FnMut(usize, usize) -> [T; 4]) {
-    let mut r = 0;
-    while r < out.len() {
-        let k = (out.len() - r).min(4);
-        out[r..r + k].copy_from_slice(&dot(r, k)[..k]);
-        r += k;
+    // Whole groups first, with `k = 4` known here so that the kernels' dispatch on `k` and
+    // the copy of the results compile to straight-line code (measured: a run-time `k` in
+    // every group cost the bf16 head 7.6 % more instructions).
+    let whole = out.len() / 4 * 4;
+    let mut groups = out.chunks_exact_mut(4);
+    for (i, group) in (&mut groups).enumerate() {
+        group.copy_from_slice(&dot(4 * i, 4));
+    }
+    let rest = groups.into_remainder();
+    if !rest.is_empty() {
+        let k = rest.len();
+        rest.copy_from_slice(&dot(whole, k)[..k]);
     }
 }
 
