@@ -635,10 +635,15 @@ macro_rules! dense_gemv {
         pub(crate) unsafe fn $name(w: &[$t], cols: usize, x: &[f32], out: &mut [f32]) {
             check_dense(w.len(), cols, x, out);
             let wp = w.as_ptr();
-            gemv_groups(out, |r, k| {
-                // SAFETY: rows r..r+k exist (w.len() == rows · cols checked).
-                unsafe { const_count!(k, $rows_fn(wp.add(r * cols), cols, x), 1 | 2 | 3 => 4) }
-            });
+            // Inlined, so that the rows kernels inline here (a closure has no target features).
+            gemv_groups(
+                out,
+                #[inline(always)]
+                |r, k| {
+                    // SAFETY: rows r..r+k exist (w.len() == rows · cols checked).
+                    unsafe { const_count!(k, $rows_fn(wp.add(r * cols), cols, x), 1 | 2 | 3 => 4) }
+                },
+            );
         }
     };
 }
