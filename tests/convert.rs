@@ -414,3 +414,23 @@ fn an_override_that_contradicts_the_declared_scale_convention_is_refused_and_cau
         "{doc}"
     );
 }
+
+#[test]
+fn synth_never_replaces_an_output_unless_forced() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("m.tern");
+    let o = out.to_str().unwrap();
+    std::fs::write(&out, b"keep me").unwrap();
+    let err = tern_fails(&["synth", "-q", "-o", o], 2);
+    assert!(err.contains("already exists (pass --force"), "{err}");
+    assert_eq!(std::fs::read(&out).unwrap(), b"keep me");
+    tern_ok(&["synth", "-q", "-o", o, "--force"]);
+    TernFile::open(&out).unwrap();
+
+    let hf = dir.path().join("hf");
+    std::fs::create_dir(&hf).unwrap();
+    let h = hf.to_str().unwrap();
+    let err = tern_fails(&["synth", "-q", "--hf", "packed", "-o", h], 2);
+    assert!(err.contains("already exists (pass --force"), "{err}");
+    assert_eq!(std::fs::read_dir(&hf).unwrap().count(), 0);
+}

@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use rand::rngs::SmallRng;
+use rand::{RngCore, SeedableRng};
+
 use super::common::{convert, fixture, tern, tern_fails, tern_ok};
 
 const MODEL: &str = "bitnet-2b4t-h64";
@@ -200,13 +203,7 @@ fn convert_refuses_broken_tokenizers() {
     let src = copy_fixture(MODEL, dir.path());
     let good = std::fs::read(src.join("tokenizer.json")).unwrap();
     let mut noise = vec![0u8; 4096];
-    let mut x = 0x2545_f491_4f6c_dd1du64;
-    for b in &mut noise {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        *b = x as u8;
-    }
+    SmallRng::seed_from_u64(0).fill_bytes(&mut noise);
     let broken: [(&str, Vec<u8>); 5] = [
         ("truncated", good[..good.len() / 2].to_vec()),
         ("not a tokenizer", br#"{"hello":1}"#.to_vec()),

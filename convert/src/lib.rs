@@ -320,7 +320,7 @@ fn produce(
     warnings: &mut Vec<String>,
     tx: &std::sync::mpsc::SyncSender<Result<Piece>>,
 ) -> Result<()> {
-    use declared::{Origin, WeightRule};
+    use declared::Origin;
     let send = |piece: Piece| tx.send(Ok(piece)).map_err(|_| ConvertError::WriterStopped);
     let src = ck.get(p.origin.src()).expect("planned tensors exist");
     let name = p.name.clone();
@@ -391,52 +391,7 @@ fn produce(
             send(Piece::Data(bytes))?;
         }
         Origin::Ternary { rule, .. } => {
-            let (tq, scale) = match rule {
-                WeightRule::Packed {
-                    scale_tensor,
-                    convention,
-                } => {
-                    let scale_src = ck.get(scale_tensor).expect("planned tensors exist");
-                    let scale = ternary::normalized_scale(
-                        &ck.read(scale_src)?,
-                        scale_src.dtype,
-                        *convention,
-                    )
-                    .map_err(|e| ck.tensor_error(scale_src, e))?;
-                    let packed = ck.read(src)?;
-                    if packed.iter().all(|&b| b == 0) {
-                        warnings.push(format!(
-                            "{}: packed tensor is all 0x00, i.e. every weight is −1 (a zeroed upload?)",
-                            src.name
-                        ));
-                    }
-                    let tq = ternary::packed_to_tq2(&packed, rows, cols).map_err(|(r, c)| {
-                        ck.tensor_error(
-                            src,
-                            format!("invalid code 3 for output row {r}, column {c}"),
-                        )
-                    })?;
-                    (tq, scale)
-                }
-                WeightRule::Masters => {
-                    let t = ternary::ternarize_masters(&ck.read(src)?, src.dtype, rows, cols)
-                        .map_err(|e| ck.tensor_error(src, e))?;
-                    if t.all_zero {
-                        warnings.push(format!("{}: master weights are all zero", src.name));
-                    }
-                    (t.tq2, t.scale)
-                }
-                WeightRule::TernaryFloat { scale_tensor } => {
-                    let (tq, s) = ternary::ternary_floats(&ck.read(src)?, src.dtype, rows, cols)
-                        .map_err(|e| ck.tensor_error(src, e))?;
-                    let ws = scale_tensor.as_deref().map(weight_scale).transpose()?;
-                    let scale = s * ws.unwrap_or(1.0);
-                    if !(scale.is_finite() && scale > 0.0) {
-                        return Err(ck.tensor_error(src, format!("unusable scale {scale}")));
-                    }
-                    (tq, scale)
-                }
-            };
+            let (tq, scale) = decode_ternary(ck, rule, src, (rows, cols), warnings)?;
             if let Some(w) = ternary::implausible_scale(scale) {
                 warnings.push(format!("{}: {w}", src.name));
             }
@@ -447,6 +402,69 @@ fn produce(
     send(Piece::End {
         source_bytes: src.len,
     })
+}
+
+/// A ternary source tensor `src` (`[rows, cols]`) decoded by its weight rule (packed
+/// 2-bit codes with a separate scale, bf16/f32 masters, or floats already in {−s, 0, s}),
+/// as TQ2 rows in Hugging Face row order and its scale (multiply convention). Suspicious but
+/// legal values (an all-zero tensor) add to `warnings`. Shared by conversion and the GGUF
+/// exporter.
+pub(crate) fn decode_ternary(
+    ck: &Checkpoint,
+    rule: &declared::WeightRule,
+    src: &source::SourceTensor,
+    (rows, cols): (usize, usize),
+    warnings: &mut Vec<String>,
+) -> Result<(Vec<u8>, f32)> {
+    use declared::WeightRule;
+    // A one-element weight_scale, read as stored.
+    let weight_scale = |scale_tensor: &str| -> Result<f32> {
+        let t = ck.get(scale_tensor).expect("planned tensors exist");
+        ternary::single_value(&ck.read(t)?, t.dtype).map_err(|e| ck.tensor_error(t, e))
+    };
+    match rule {
+        WeightRule::Packed {
+            scale_tensor,
+            convention,
+        } => {
+            let scale_src = ck.get(scale_tensor).expect("planned tensors exist");
+            let scale =
+                ternary::normalized_scale(&ck.read(scale_src)?, scale_src.dtype, *convention)
+                    .map_err(|e| ck.tensor_error(scale_src, e))?;
+            let packed = ck.read(src)?;
+            if packed.iter().all(|&b| b == 0) {
+                warnings.push(format!(
+                    "{}: packed tensor is all 0x00, i.e. every weight is −1 (a zeroed upload?)",
+                    src.name
+                ));
+            }
+            let tq = ternary::packed_to_tq2(&packed, rows, cols).map_err(|(r, c)| {
+                ck.tensor_error(
+                    src,
+                    format!("invalid code 3 for output row {r}, column {c}"),
+                )
+            })?;
+            Ok((tq, scale))
+        }
+        WeightRule::Masters => {
+            let t = ternary::ternarize_masters(&ck.read(src)?, src.dtype, rows, cols)
+                .map_err(|e| ck.tensor_error(src, e))?;
+            if t.all_zero {
+                warnings.push(format!("{}: master weights are all zero", src.name));
+            }
+            Ok((t.tq2, t.scale))
+        }
+        WeightRule::TernaryFloat { scale_tensor } => {
+            let (tq, s) = ternary::ternary_floats(&ck.read(src)?, src.dtype, rows, cols)
+                .map_err(|e| ck.tensor_error(src, e))?;
+            let ws = scale_tensor.as_deref().map(weight_scale).transpose()?;
+            let scale = s * ws.unwrap_or(1.0);
+            if !(scale.is_finite() && scale > 0.0) {
+                return Err(ck.tensor_error(src, format!("unusable scale {scale}")));
+            }
+            Ok((tq, scale))
+        }
+    }
 }
 
 /// The `.tern` layout of a planned tensor, after checking the source's dtype and shape

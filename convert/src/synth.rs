@@ -7,10 +7,12 @@ use std::io::{BufWriter, Write};
 use std::path::Path;
 
 use half::bf16;
+use rand::rngs::SmallRng;
+use rand::{RngCore, SeedableRng};
 use serde_json::json;
 use tern_format::{
     expected_tensors, Activation, Architecture, Layout, Metadata, ModelConfig, Provenance,
-    RopeStyle, ScaleConvention, TensorRole, TensorSpec, Writer,
+    ScaleConvention, TensorRole, TensorSpec, Writer,
 };
 
 use crate::error::{io, ConvertError, Result};
@@ -50,8 +52,7 @@ impl Preset {
     }
 
     pub fn config(self) -> ModelConfig {
-        let bitnet = |hidden, layers, heads, kv, inter, vocab| ModelConfig {
-            architecture: Architecture::Bitnet,
+        let bitnet = |hidden, layers, heads, kv, inter, vocab: u64| ModelConfig {
             hidden_size: hidden,
             num_hidden_layers: layers,
             num_attention_heads: heads,
@@ -59,20 +60,10 @@ impl Preset {
             head_dim: hidden / heads,
             intermediate_size: inter,
             vocab_size: vocab,
-            max_position_embeddings: 4096,
-            rms_norm_eps: 1e-5,
-            rope_theta: 500000.0,
-            rope_style: RopeStyle::RotateHalf,
-            rope_scaling: None,
-            activation: Activation::Relu2,
-            attention_bias: false,
-            mlp_bias: false,
-            attn_sub_norm: true,
-            ffn_sub_norm: true,
-            tie_word_embeddings: true,
             bos_token_id: Some((vocab - 2) as u32),
             eos_token_ids: vec![(vocab - 1) as u32],
             add_bos_token: true,
+            ..ModelConfig::bitnet_b158()
         };
         let llama = |hidden, layers, heads, kv, head_dim, inter, vocab, theta| ModelConfig {
             architecture: Architecture::Llama,
@@ -94,26 +85,15 @@ impl Preset {
     }
 }
 
-/// xorshift64*: fast, deterministic noise.
-struct Noise(u64);
+/// Seeded noise.
+struct Noise(SmallRng);
 
 impl Noise {
-    /// A distinct stream for every seed: splitmix64's finalizer is a bijection of u64 (the
-    /// old `seed | 1` made seeds 2k and 2k + 1 the same model), and xorshift's state must
-    /// not be 0.
-    fn new(seed: u64) -> Noise {
-        let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        Noise(if z == 0 { 0x9E37_79B9_7F4A_7C15 } else { z })
+    fn new(seed: u64) -> Self {
+        Noise(SmallRng::seed_from_u64(seed))
     }
-
     fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        self.0.next_u64()
     }
     /// Roughly N(0, 1): a sum of four uniforms.
     fn normal(&mut self) -> f32 {
@@ -199,21 +179,22 @@ pub fn synth_tern(
         preset,
         path,
         seed,
-        crate::TernaryFormat::Tq2,
-        crate::HeadFormat::Exact,
+        (crate::TernaryFormat::Tq2, crate::HeadFormat::Exact),
+        false,
         progress,
     )
 }
 
 /// [`synth_tern`] with a choice of ternary layout and head format (the same noise: a TQ1
 /// file holds the same trits as the TQ2 one of the same seed; a Q8 head is the bf16 noise
-/// quantized per row).
+/// quantized per row). Unless `replace`, an existing `path` is left alone and the call
+/// fails with [`ConvertError::OutputExists`] (checked atomically when the file is linked).
 pub fn synth_tern_with(
     preset: Preset,
     path: &Path,
     seed: u64,
-    ternary: crate::TernaryFormat,
-    head: crate::HeadFormat,
+    (ternary, head): (crate::TernaryFormat, crate::HeadFormat),
+    replace: bool,
     progress: &dyn Fn(u64, u64),
 ) -> Result<()> {
     let q8 = head == crate::HeadFormat::Q8;
@@ -236,7 +217,8 @@ pub fn synth_tern_with(
         .iter()
         .map(|s| s.layout.byte_len(&s.shape).unwrap_or(0))
         .sum();
-    let mut writer = Writer::create(path, &metadata(preset, config), &tokenizer, specs.clone())?;
+    let mut writer = Writer::create(path, &metadata(preset, config), &tokenizer, specs.clone())?
+        .replace_existing(replace);
     let mut noise = Noise::new(seed);
     let mut done = 0;
     for (spec, (_, shape, role)) in specs.iter().zip(&plan) {
@@ -302,7 +284,10 @@ pub fn synth_tern_with(
         }
         progress(done, total);
     }
-    writer.finish()?;
+    writer.finish().map_err(|e| match e {
+        tern_format::Error::Exists { path } => ConvertError::OutputExists(path),
+        e => e.into(),
+    })?;
     Ok(())
 }
 
@@ -316,16 +301,26 @@ pub enum HfFlavour {
 }
 
 /// Writes a random checkpoint of `preset`'s shape as a Hugging Face folder in the exact
-/// on-disk layout of its family (one model.safetensors), for converter benchmarks.
+/// on-disk layout of its family (one model.safetensors), for converter benchmarks. Unless
+/// `replace`, the folder must not exist yet ([`ConvertError::OutputExists`]).
 pub fn synth_hf(
     preset: Preset,
     flavour: HfFlavour,
     dir: &Path,
     seed: u64,
+    replace: bool,
     progress: &dyn Fn(u64, u64),
 ) -> Result<()> {
     let c = preset.config();
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    if replace {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+    } else {
+        // create_dir fails if the folder exists, atomically: nothing in it is replaced.
+        std::fs::create_dir(dir).map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => ConvertError::OutputExists(dir.to_path_buf()),
+            _ => io(dir)(e),
+        })?;
+    }
     let llama = c.architecture == Architecture::Llama;
     if llama && flavour == HfFlavour::Bf16 {
         return Err(ConvertError::Unsupported(

@@ -182,6 +182,39 @@ pub struct Metadata {
 }
 
 impl ModelConfig {
+    /// The BitNet b1.58 architecture (squared-ReLU MLP, attention and MLP sub-norms,
+    /// rotate-half RoPE with θ = 500000, no biases, tied embeddings, RMSNorm ε = 1e-5) at a
+    /// tiny size: hidden 64, one layer, two query heads sharing one KV head of 32, MLP
+    /// 128, vocabulary 256, 4096 positions, no special tokens. Set the fields a test or a
+    /// synthetic model needs with struct update syntax: `ModelConfig { hidden_size: 2560,
+    /// ..ModelConfig::bitnet_b158() }`.
+    pub fn bitnet_b158() -> ModelConfig {
+        ModelConfig {
+            architecture: Architecture::Bitnet,
+            hidden_size: 64,
+            num_hidden_layers: 1,
+            num_attention_heads: 2,
+            num_key_value_heads: 1,
+            head_dim: 32,
+            intermediate_size: 128,
+            vocab_size: 256,
+            max_position_embeddings: 4096,
+            rms_norm_eps: 1e-5,
+            rope_theta: 500000.0,
+            rope_style: RopeStyle::RotateHalf,
+            rope_scaling: None,
+            activation: Activation::Relu2,
+            attention_bias: false,
+            mlp_bias: false,
+            attn_sub_norm: true,
+            ffn_sub_norm: true,
+            tie_word_embeddings: true,
+            bos_token_id: None,
+            eos_token_ids: Vec::new(),
+            add_bos_token: false,
+        }
+    }
+
     /// Checks the constraints of docs/format.md §4.
     pub fn validate(&self) -> Result<(), String> {
         let positive = [

@@ -6,28 +6,18 @@ use tern_format::*;
 
 fn config(tied: bool) -> ModelConfig {
     ModelConfig {
-        architecture: Architecture::Bitnet,
         hidden_size: 8,
-        num_hidden_layers: 1,
         num_attention_heads: 2,
-        num_key_value_heads: 1,
         head_dim: 4,
         intermediate_size: 12,
         vocab_size: 16,
         max_position_embeddings: 32,
-        rms_norm_eps: 1e-5,
         rope_theta: 10000.0,
-        rope_style: RopeStyle::RotateHalf,
-        rope_scaling: None,
-        activation: Activation::Relu2,
-        attention_bias: false,
-        mlp_bias: false,
-        attn_sub_norm: true,
-        ffn_sub_norm: true,
         tie_word_embeddings: tied,
         bos_token_id: Some(1),
         eos_token_ids: vec![2],
         add_bos_token: true,
+        ..ModelConfig::bitnet_b158()
     }
 }
 

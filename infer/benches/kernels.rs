@@ -12,7 +12,9 @@
 
 use divan::counter::{BytesCount, ItemsCount};
 use divan::Bencher;
-use tern_infer::kernels::{Isa, Kernels};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use tern_infer::kernels::{GemmShape, Isa, Kernels};
 use tern_infer::pool::{physical_cores, Pool};
 
 fn main() {
@@ -89,18 +91,6 @@ fn isas() -> Vec<IsaArg> {
 /// Packs one row of trits into a layout's bytes.
 type PackRow = fn(&[i8], &mut [u8]);
 
-/// xorshift64: deterministic inputs without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 /// `copies` equal random ternary matrices of `case`'s layout and shape (distinct memory, so
 /// cycling through them streams from memory), and one quantized activation row.
 struct Weights {
@@ -123,18 +113,18 @@ impl Weights {
         };
         let nb = case.cols.div_ceil(block_cols);
         let row_bytes = nb * 32;
-        let mut rng = Rng(0x1234_5678_9abc_def1);
+        let mut rng = SmallRng::seed_from_u64(1);
         let mut m = vec![0u8; case.rows * row_bytes];
         let mut trits = vec![0i8; case.cols];
         for row in m.chunks_exact_mut(row_bytes) {
             for t in trits.iter_mut() {
-                *t = (rng.next() % 3) as i8 - 1;
+                *t = rng.random_range(-1..=1);
             }
             pack(&trits, row);
         }
         let k = Kernels::for_isa(case.isa).expect("available");
         let x: Vec<f32> = (0..case.cols)
-            .map(|_| (rng.next() % 2001) as f32 / 1000.0 - 1.0)
+            .map(|_| rng.random_range(-1.0..=1.0))
             .collect();
         let mut q = vec![0i8; nb * block_cols];
         let q_sum = k.quantize_row(&x, &mut q).sum;
@@ -206,12 +196,18 @@ fn gemm_64_tokens(bencher: Bencher, case: Case) {
     let qs: Vec<i8> = w.q.iter().cycle().take(TOKENS * stride).copied().collect();
     let sums = vec![w.q_sum; TOKENS];
     let mut out = vec![0i32; TOKENS * case.rows];
-    let (k, nb, m) = (w.k, w.nb, &w.mats[0]);
+    let (k, m) = (w.k, &w.mats[0]);
+    let sh = GemmShape {
+        blocks: w.nb,
+        rows: case.rows,
+        tokens: TOKENS,
+        q_stride: stride,
+    };
     bencher
         .counter(ItemsCount::new(case.rows * case.cols * TOKENS))
         .bench_local(|| match case.layout {
-            Layout::Tq2 => k.tq2_gemm(m, nb, case.rows, &qs, &sums, TOKENS, &mut out),
-            Layout::Tq1 => k.tq1_gemm(m, nb, case.rows, &qs, stride, &sums, TOKENS, &mut out),
+            Layout::Tq2 => k.tq2_gemm(m, sh, &qs, &sums, &mut out),
+            Layout::Tq1 => k.tq1_gemm(m, sh, &qs, &sums, &mut out),
         });
 }
 
@@ -231,9 +227,9 @@ fn quantize_row(bencher: Bencher, isa: IsaArg) {
 fn bf16_gemv(bencher: Bencher, isa: IsaArg) {
     let k = Kernels::for_isa(isa.0).expect("available");
     let (rows, cols) = (32000usize, 2560usize);
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut rng = SmallRng::seed_from_u64(2);
     let w: Vec<u16> = (0..rows * cols)
-        .map(|_| half::bf16::from_f32((rng.next() % 2001) as f32 / 1e5 - 0.01).to_bits())
+        .map(|_| half::bf16::from_f32(rng.random_range(-0.01..=0.01)).to_bits())
         .collect();
     let x: Vec<f32> = (0..cols).map(|i| (i % 7) as f32 * 0.1).collect();
     let mut out = vec![0f32; rows];

@@ -9,10 +9,7 @@
 //! exact integer products, the same attention and head, so a sequence's greedy output in a
 //! batch is token-identical to its output alone.
 
-use crate::kernels::AttendShape;
-use crate::model::{
-    add_residual, norm_rows, par_rows, rms_norm, rope, Model, Scratch, State, PREFILL_CHUNK,
-};
+use crate::model::{Caches, Model, State, PREFILL_CHUNK};
 use crate::pool::Pool;
 use crate::reference::NoProbe;
 use crate::InferError;
@@ -56,7 +53,7 @@ impl Batch {
         tokens: &[u32],
     ) -> Result<(), InferError> {
         let c = &model.config;
-        let (n, h, vocab) = (seqs.len(), c.hidden_size as usize, c.vocab_size as usize);
+        let (n, h) = (seqs.len(), c.hidden_size as usize);
         if tokens.len() != n || n > PREFILL_CHUNK {
             return Err(InferError::Input(format!(
                 "a decode step takes one token for each of at most {PREFILL_CHUNK} \
@@ -64,11 +61,7 @@ impl Batch {
                 tokens.len()
             )));
         }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(InferError::Input(format!(
-                "token id {bad} is outside the vocabulary of {vocab}"
-            )));
-        }
+        crate::model::check_vocab(c, tokens)?;
         self.work.check(pool, 0)?;
         for st in seqs.iter() {
             st.check(pool, 1)?;
@@ -96,8 +89,10 @@ impl Batch {
                 *a = (pos * f).sin_cos();
             }
         }
+        // q, k, v, o and the MLP are one matrix call each over all the sequences; rotary
+        // angles, the KV cache and attention are each sequence's own.
         for (l, layer) in model.layers.iter().enumerate() {
-            attention_block(model, pool, l, s, seqs, n);
+            model.attention_block(pool, l, s, &mut Caches::Each(seqs), n, &mut NoProbe);
             model.mlp_block(pool, l, layer, s, n, &mut NoProbe);
         }
         model.final_norm_rows(&mut s.x[..n * h]);
@@ -146,128 +141,4 @@ impl Batch {
             }
         }
     }
-}
-
-/// `Model::attention_block` for `n` tokens of `n` different sequences: q, k, v and o are
-/// one matrix call each over all of them; rotary angles, the KV cache and attention are
-/// each sequence's own.
-fn attention_block(
-    model: &Model,
-    pool: &Pool,
-    l: usize,
-    s: &mut Scratch,
-    seqs: &mut [&mut State],
-    n: usize,
-) {
-    let c = &model.config;
-    let layer = &model.layers[l];
-    let (h, d, eps) = (
-        c.hidden_size as usize,
-        c.head_dim as usize,
-        c.rms_norm_eps as f32,
-    );
-    let (attn, kv, half) = (c.attn_dim() as usize, c.kv_dim() as usize, d / 2);
-    let Scratch {
-        x,
-        xn,
-        q,
-        k,
-        v,
-        angles,
-        quant,
-        ..
-    } = s;
-    norm_rows(pool, xn, x, n, h, &layer.input_norm, eps);
-    quant.quantize(xn, n, h, layer.q.act_stride());
-    quant.bitlinear(pool, &layer.q, n, xn, h, q);
-    quant.bitlinear(pool, &layer.k, n, xn, h, k);
-    quant.bitlinear(pool, &layer.v, n, xn, h, v);
-    for (t, st) in seqs.iter_mut().enumerate() {
-        let at = &angles[t * half..(t + 1) * half];
-        for head in q[t * attn..(t + 1) * attn].chunks_exact_mut(d) {
-            rope(head, at, c.rope_style);
-        }
-        for head in k[t * kv..(t + 1) * kv].chunks_exact_mut(d) {
-            rope(head, at, c.rope_style);
-        }
-        let pos = st.pos;
-        st.cache
-            .store(l, pos, &k[t * kv..(t + 1) * kv], &v[t * kv..(t + 1) * kv]);
-    }
-    attention(model, pool, l, s, seqs, n);
-    let Scratch {
-        x,
-        xn,
-        att_out,
-        quant,
-        ..
-    } = s;
-    if let Some(w) = &layer.attn_sub_norm {
-        par_rows(pool, att_out, n, attn, 1, |_, _, rows| {
-            for row in rows.chunks_exact_mut(attn) {
-                rms_norm(row, w, eps);
-            }
-        });
-    }
-    quant.quantize(att_out, n, attn, layer.o.act_stride());
-    quant.bitlinear(pool, &layer.o, n, att_out, attn, xn);
-    add_residual(x, xn, n * h);
-}
-
-/// Each token's query heads against its own sequence's cache of layer `l`, into
-/// `s.att_out`, heads grouped as `Model::forward` groups them for one token.
-fn attention(model: &Model, pool: &Pool, l: usize, s: &mut Scratch, seqs: &[&mut State], n: usize) {
-    let c = &model.config;
-    let d = c.head_dim as usize;
-    let (heads, kv) = (c.num_attention_heads as usize, c.kv_dim() as usize);
-    let group = heads / c.num_key_value_heads as usize;
-    let scale = (d as f32).powf(-0.5);
-    let threads = pool.threads();
-    // The grouping one token alone gets (see `Model::attention`), so results are identical.
-    let m = (1..=group)
-        .rev()
-        .filter(|m| group.is_multiple_of(*m))
-        .find(|m| {
-            let units = heads / m;
-            units.is_multiple_of(threads) || units >= 4 * threads
-        })
-        .unwrap_or(1);
-    let caches: Vec<(&[f32], &[f32], usize)> = seqs
-        .iter()
-        .map(|st| {
-            let (keys, values) = st.cache.layer(l);
-            (keys, values, st.pos + 1)
-        })
-        .collect();
-    let Scratch {
-        q,
-        att_out,
-        scores,
-        kernels,
-        ..
-    } = s;
-    let (q, scores, kernels) = (&*q, &*scores, *kernels);
-    par_rows(pool, att_out, n * heads, d, m, |worker, r, out| {
-        let mut scores = scores[worker].lock().expect("no poisoned scores");
-        for (u, first) in r.step_by(m).enumerate() {
-            let (t, head0) = (first / heads, first % heads);
-            let (keys, values, len) = caches[t];
-            let g = head0 / group;
-            let shape = AttendShape {
-                heads: m,
-                head_dim: d,
-                len,
-                stride: kv,
-                scale,
-            };
-            kernels.attend(
-                shape,
-                &q[t * heads * d + head0 * d..][..m * d],
-                &keys[g * d..],
-                &values[g * d..],
-                &mut scores,
-                &mut out[u * m * d..(u + 1) * m * d],
-            );
-        }
-    });
 }

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::kernels::{Isa, Kernels};
+use crate::kernels::{GemmShape, Isa, Kernels};
 use crate::model::{Logits, Model, State};
 use crate::pool::{split_range, Pool};
 use crate::reference::NoProbe;
@@ -375,9 +375,15 @@ pub fn kernel_speeds(budget_bytes: usize) -> Vec<KernelSpeed> {
                 .map(|r| r.iter().map(|&v| i32::from(v)).sum())
                 .collect();
             let mut outm = vec![0i32; n * rows];
+            let sh = GemmShape {
+                blocks: nb,
+                rows,
+                tokens: n,
+                q_stride: nb * 128,
+            };
             let secs = time_streaming(if isa == Isa::Scalar { 1 } else { copies.min(8) }, 1, |m| {
                 let w = &weights[m * mat..(m + 1) * mat];
-                k.tq2_gemm(w, nb, rows, &qs, &sums, n, &mut outm);
+                k.tq2_gemm(w, sh, &qs, &sums, &mut outm);
                 black_box(&outm);
             });
             let mut gemm = speed("tq2_gemm x64", &k, rows, cols, mat, secs);
@@ -427,9 +433,15 @@ pub fn kernel_speeds(budget_bytes: usize) -> Vec<KernelSpeed> {
             } else {
                 copies1.min(8)
             };
+            let sh1 = GemmShape {
+                blocks: nb1,
+                rows,
+                tokens: n,
+                q_stride: stride,
+            };
             let secs = time_streaming(mats1, 1, |m| {
                 let w = &weights1[m * mat1..(m + 1) * mat1];
-                k.tq1_gemm(w, nb1, rows, &qs1, stride, &sums1, n, &mut outm);
+                k.tq1_gemm(w, sh1, &qs1, &sums1, &mut outm);
                 black_box(&outm);
             });
             let mut gemm1 = speed("tq1_gemm x64", &k, rows, cols, mat1, secs);
@@ -450,7 +462,7 @@ pub fn kernel_speeds(budget_bytes: usize) -> Vec<KernelSpeed> {
         });
         out.push(speed("bf16_gemv", &k, rows, cols, w.len() * 2, secs));
         drop(w);
-        let stride = crate::kernels::q8_row_stride(cols);
+        let stride = crate::kernels::q8_stride(cols);
         let w8: Vec<u8> = (0..rows * stride)
             .map(|i| if i % stride < 4 { 0 } else { (i % 251) as u8 })
             .collect();

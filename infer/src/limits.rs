@@ -130,30 +130,14 @@ mod tests {
     use super::*;
 
     fn config(max_pos: u64, layers: u64, kv_heads: u64, head_dim: u64) -> ModelConfig {
-        use tern_format::{Activation, Architecture, RopeStyle};
         ModelConfig {
-            architecture: Architecture::Bitnet,
-            hidden_size: 64,
             num_hidden_layers: layers,
             num_attention_heads: kv_heads * 2,
             num_key_value_heads: kv_heads,
             head_dim,
-            intermediate_size: 128,
-            vocab_size: 256,
             max_position_embeddings: max_pos,
-            rms_norm_eps: 1e-5,
             rope_theta: 10000.0,
-            rope_style: RopeStyle::RotateHalf,
-            rope_scaling: None,
-            activation: Activation::Relu2,
-            attention_bias: false,
-            mlp_bias: false,
-            attn_sub_norm: true,
-            ffn_sub_norm: true,
-            tie_word_embeddings: true,
-            bos_token_id: None,
-            eos_token_ids: Vec::new(),
-            add_bos_token: false,
+            ..ModelConfig::bitnet_b158()
         }
     }
 

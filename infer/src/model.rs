@@ -13,7 +13,7 @@ use std::sync::Mutex;
 
 use tern_format::{Activation, Layout, ModelConfig, RopeStyle, TensorInfo, TernFile};
 
-use crate::kernels::{AttendShape, Kernels, QuantRow};
+use crate::kernels::{AttendShape, GemmShape, Kernels, QuantRow};
 use crate::pool::{split_range, Pool};
 use crate::reference::{Probe, Site};
 use crate::InferError;
@@ -37,8 +37,8 @@ impl Ternary<'_> {
     /// Columns per block of the layout.
     pub fn block_cols(&self) -> usize {
         match self.layout {
-            Layout::Tq1 => crate::kernels::TQ1_BLOCK_COLS,
-            _ => crate::kernels::TQ2_BLOCK_COLS,
+            Layout::Tq1 => tern_format::tq1::BLOCK_COLS,
+            _ => tern_format::tq2::BLOCK_COLS,
         }
     }
 
@@ -91,7 +91,7 @@ impl DenseMatrix<'_> {
                 }
             }
             Dense::Q8(w) => {
-                let stride = crate::kernels::q8_row_stride(self.cols);
+                let stride = crate::kernels::q8_stride(self.cols);
                 tern_format::q8row::dequantize_row(&w[r * stride..(r + 1) * stride], out);
             }
         }
@@ -102,7 +102,7 @@ impl DenseMatrix<'_> {
         match self.data {
             Dense::F32(_) => 4 * self.cols,
             Dense::F16(_) | Dense::Bf16(_) => 2 * self.cols,
-            Dense::Q8(_) => crate::kernels::q8_row_stride(self.cols),
+            Dense::Q8(_) => crate::kernels::q8_stride(self.cols),
         }
     }
 
@@ -120,7 +120,7 @@ impl DenseMatrix<'_> {
             Dense::F16(w) => k.f16_gemv(&w[range], self.cols, x, out),
             Dense::Bf16(w) => k.bf16_gemv(&w[range], self.cols, x, out),
             Dense::Q8(w) => {
-                let stride = crate::kernels::q8_row_stride(self.cols);
+                let stride = crate::kernels::q8_stride(self.cols);
                 k.q8_gemv(
                     &w[rows.start * stride..rows.end * stride],
                     self.cols,
@@ -336,6 +336,46 @@ impl KvCache {
     }
 }
 
+/// Where the tokens of a batch keep their keys and values.
+pub(crate) enum Caches<'a, 'b> {
+    /// Consecutive tokens of one sequence: token `t` is at position `pos0 + t` of `cache`.
+    One { cache: &'a mut KvCache, pos0: usize },
+    /// Batched decode: token `t` is the next token of sequence `seqs[t]`.
+    Each(&'a mut [&'b mut State]),
+}
+
+impl Caches<'_, '_> {
+    /// Stores token `t`'s key and value of layer `l`.
+    fn store(&mut self, l: usize, t: usize, k: &[f32], v: &[f32]) {
+        match self {
+            Caches::One { cache, pos0 } => cache.store(l, *pos0 + t, k, v),
+            Caches::Each(seqs) => {
+                let st = &mut *seqs[t];
+                st.cache.store(l, st.pos, k, v);
+            }
+        }
+    }
+
+    /// Token `t`'s cached keys and values of layer `l`, and how many positions it sees.
+    fn layer(&self, l: usize, t: usize) -> (&[f32], &[f32], usize) {
+        let (cache, pos) = match self {
+            Caches::One { cache, pos0 } => (&**cache, *pos0 + t),
+            Caches::Each(seqs) => (&seqs[t].cache, seqs[t].pos),
+        };
+        let (keys, values) = cache.layer(l);
+        (keys, values, pos + 1)
+    }
+
+    /// Tokens the attention heads are grouped for: all `n` of one sequence; one for batched
+    /// decode, so that each sequence's heads are grouped (and computed) as when it is alone.
+    fn grouping_tokens(&self, n: usize) -> usize {
+        match self {
+            Caches::One { .. } => n,
+            Caches::Each(_) => 1,
+        }
+    }
+}
+
 /// The int8 activations of the last quantization, and the products of the matrix calls
 /// that read them.
 pub(crate) struct Quantized {
@@ -380,6 +420,15 @@ pub struct State {
     pub(crate) scratch: Scratch,
     /// Logits, `[ctx, vocab]`: with [`Logits::Last`] only the first row is written.
     pub logits: Vec<f32>,
+}
+
+/// Every id of `tokens` is inside the model's vocabulary.
+pub(crate) fn check_vocab(config: &ModelConfig, tokens: &[u32]) -> Result<(), InferError> {
+    let vocab = config.vocab_size as usize;
+    match tokens.iter().find(|&&t| t as usize >= vocab) {
+        Some(&id) => Err(InferError::TokenOutOfVocab { id, vocab }),
+        None => Ok(()),
+    }
 }
 
 /// A zeroed buffer of `n` values; `None` (an overflowed size) is an error naming `what`.
@@ -625,15 +674,18 @@ impl Quantized {
         };
         pool.run_chunks(&mut self.acc[..n * w.rows], 4 * n, parts, |_, r, part| {
             let rw = &w.data[r.start / n * row_bytes..r.end / n * row_bytes];
-            let rows = r.len() / n;
             let q1 = &qact[..w.act_len()]; // one token: the GEMV reads exactly act_len
+            let sh = GemmShape {
+                blocks: w.blocks,
+                rows: r.len() / n,
+                tokens: n,
+                q_stride: padded,
+            };
             match (w.layout, n) {
                 (Layout::Tq1, 1) => kernels.tq1_gemv(rw, w.blocks, q1, qsums[0], part),
-                (Layout::Tq1, _) => {
-                    kernels.tq1_gemm(rw, w.blocks, rows, qact, padded, qsums, n, part)
-                }
+                (Layout::Tq1, _) => kernels.tq1_gemm(rw, sh, qact, qsums, part),
                 (_, 1) => kernels.tq2_gemv(rw, w.blocks, q1, qsums[0], part),
-                _ => kernels.tq2_gemm(rw, w.blocks, rows, qact, qsums, n, part),
+                _ => kernels.tq2_gemm(rw, sh, qact, qsums, part),
             }
         });
         // out[t, r] = acc / s_t · scale, gathering each token's row from the pieces.
@@ -676,13 +728,9 @@ impl Model<'_> {
         want: Logits,
         probe: &mut dyn Probe,
     ) -> Result<(), InferError> {
-        let vocab = self.config.vocab_size as usize;
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(InferError::Input(format!(
-                "token id {bad} is outside the vocabulary of {vocab}"
-            )));
-        }
+        check_vocab(&self.config, tokens)?;
         state.check(pool, tokens.len())?;
+        let vocab = self.config.vocab_size as usize;
         for (i, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
             let last = (i + 1) * PREFILL_CHUNK >= tokens.len();
             let logits_at = match want {
@@ -715,7 +763,11 @@ impl Model<'_> {
         s.set_angles(&self.inv_freq, st.pos, n);
         for (l, layer) in self.layers.iter().enumerate() {
             probe.hidden(l, &s.x[..n * h]);
-            self.attention_block(pool, l, layer, s, &mut st.cache, st.pos, n, probe);
+            let mut caches = Caches::One {
+                cache: &mut st.cache,
+                pos0: st.pos,
+            };
+            self.attention_block(pool, l, s, &mut caches, n, probe);
             self.mlp_block(pool, l, layer, s, n, probe);
         }
         self.final_norm_rows(&mut s.x[..n * h]);
@@ -724,20 +776,17 @@ impl Model<'_> {
     }
 
     /// `x += o_proj(attention(q, k, v))` with q, k, v from one quantization of the normed
-    /// input; the new keys and values are stored in layer `l`'s cache at `pos0..pos0 + n`.
-    #[allow(clippy::too_many_arguments)]
-    fn attention_block(
+    /// input; the new keys and values of layer `l` go to the token's cache (see [`Caches`]).
+    pub(crate) fn attention_block(
         &self,
         pool: &Pool,
         l: usize,
-        layer: &Layer,
         s: &mut Scratch,
-        cache: &mut KvCache,
-        pos0: usize,
+        caches: &mut Caches,
         n: usize,
         probe: &mut dyn Probe,
     ) {
-        let c = &self.config;
+        let (c, layer) = (&self.config, &self.layers[l]);
         let (h, d, eps) = (
             c.hidden_size as usize,
             c.head_dim as usize,
@@ -768,14 +817,9 @@ impl Model<'_> {
             for head in k[t * kv..(t + 1) * kv].chunks_exact_mut(d) {
                 rope(head, at, c.rope_style);
             }
-            cache.store(
-                l,
-                pos0 + t,
-                &k[t * kv..(t + 1) * kv],
-                &v[t * kv..(t + 1) * kv],
-            );
+            caches.store(l, t, &k[t * kv..(t + 1) * kv], &v[t * kv..(t + 1) * kv]);
         }
-        self.attention(pool, s, cache.layer(l), pos0, n);
+        self.attention(pool, s, caches, l, n);
         let Scratch {
             x,
             xn,
@@ -918,24 +962,21 @@ impl Model<'_> {
             let s = &mut state.scratch;
             s.x[..chunk.len()].copy_from_slice(chunk);
             s.set_angles(&self.inv_freq, pos0, n);
-            self.attention_block(pool, layer, weights, s, &mut state.cache, pos0, n, probe);
+            let mut caches = Caches::One {
+                cache: &mut state.cache,
+                pos0,
+            };
+            self.attention_block(pool, layer, s, &mut caches, n, probe);
             self.mlp_block(pool, layer, weights, s, n, probe);
             chunk.copy_from_slice(&s.x[..chunk.len()]);
         }
         Ok(())
     }
 
-    /// Causal self-attention of the `n` queries in `s.q` (positions `pos0..`) against the
-    /// cached keys and values of their layer, into `s.att_out` (eager: softmax in f32, the
-    /// 1/sqrt(d) scale applied after q·k). Heads are spread over the pool.
-    fn attention(
-        &self,
-        pool: &Pool,
-        s: &mut Scratch,
-        (keys, values): (&[f32], &[f32]),
-        pos0: usize,
-        n: usize,
-    ) {
+    /// Causal self-attention of the `n` queries in `s.q` against their cached keys and
+    /// values of layer `l`, into `s.att_out` (eager: softmax in f32, the 1/sqrt(d) scale
+    /// applied after q·k). Heads are spread over the pool.
+    fn attention(&self, pool: &Pool, s: &mut Scratch, caches: &Caches, l: usize, n: usize) {
         let c = &self.config;
         let d = c.head_dim as usize;
         let (heads, kv) = (c.num_attention_heads as usize, c.kv_dim() as usize);
@@ -954,11 +995,12 @@ impl Model<'_> {
         // that is what keeps the workers evenly loaded (2B-4T decode on 2 threads: 5 groups
         // of 4 heads become 10 units of 2).
         let threads = pool.threads();
+        let tokens = caches.grouping_tokens(n);
         let m = (1..=group)
             .rev()
             .filter(|m| group.is_multiple_of(*m))
             .find(|m| {
-                let units = n * heads / m;
+                let units = tokens * heads / m;
                 units.is_multiple_of(threads) || units >= 4 * threads
             })
             .unwrap_or(1);
@@ -967,11 +1009,12 @@ impl Model<'_> {
             let mut scores = scores[worker].lock().expect("no poisoned scores");
             for (u, first) in r.step_by(m).enumerate() {
                 let (t, head0) = (first / heads, first % heads);
+                let (keys, values, len) = caches.layer(l, t);
                 let g = head0 / group;
                 let shape = AttendShape {
                     heads: m,
                     head_dim: d,
-                    len: pos0 + t + 1,
+                    len,
                     stride: kv,
                     scale,
                 };

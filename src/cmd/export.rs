@@ -123,26 +123,7 @@ pub fn verify_gguf(
     } else {
         let verdict = if faithful { "FAITHFUL" } else { "NOT FAITHFUL" };
         println!("{verdict}: {} against {}", path.display(), dir.display());
-        for m in &c.config_mismatches {
-            println!("  config: {m}");
-        }
-        println!(
-            "source: {} tensors; {} trits, {} scales, {} float values compared; mismatches: {} trits, {} scales, {} floats",
-            c.tensors, c.trits_compared, c.scales_compared, c.float_values_compared,
-            c.trit_mismatches, c.scale_mismatches, c.float_mismatches
-        );
-        for m in &c.first_mismatches {
-            println!(
-                "  {} {:?}: expected {}, found {}",
-                m.tensor, m.index, m.expected, m.found
-            );
-        }
-        for q in &c.quantized {
-            println!(
-                "  {} is quantized in the GGUF, lossy by design: max |error| {:.3e} (max |value| {:.3e}), rms {:.3e}",
-                q.tensor, q.max_abs_error, q.max_abs_value, q.rms_error
-            );
-        }
+        super::verify::print_source(c, "quantized in the GGUF");
         for n in &cmp.notes {
             println!("note: {n}");
         }

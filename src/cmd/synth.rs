@@ -1,9 +1,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, Result};
 use clap::ValueEnum;
 use tern_convert::synth::{synth_hf, synth_tern_with, HfFlavour, Preset};
+use tern_convert::ConvertError;
 
 use super::args::{HeadArg, LayoutArg};
 
@@ -38,28 +39,23 @@ pub struct Args {
 /// Writes a random model of a real shape (noise weights) for benchmarks.
 pub fn run(args: Args) -> Result<ExitCode> {
     let preset = Preset::from(args.preset);
-    if args.output.exists() && !args.force {
-        bail!(
-            "{}: already exists (pass --force to overwrite)",
-            args.output.display()
-        );
-    }
     let bar = super::byte_bar(args.quiet, "synthesizing");
     let progress = |done: u64, total: u64| {
         bar.set_length(total);
         bar.set_position(done);
     };
+    let (out, seed, replace) = (&args.output, args.seed, args.force);
     match args.hf {
-        None => synth_tern_with(
-            preset,
-            &args.output,
-            args.seed,
-            args.layout.into(),
-            args.head.into(),
-            &progress,
-        )?,
-        Some(flavour) => synth_hf(preset, flavour.into(), &args.output, args.seed, &progress)?,
+        None => {
+            let formats = (args.layout.into(), args.head.into());
+            synth_tern_with(preset, out, seed, formats, replace, &progress)
+        }
+        Some(flavour) => synth_hf(preset, flavour.into(), out, seed, replace, &progress),
     }
+    .map_err(|e| match e {
+        ConvertError::OutputExists(_) => anyhow!("{e} (pass --force to overwrite)"),
+        e => e.into(),
+    })?;
     bar.finish_and_clear();
     Ok(ExitCode::SUCCESS)
 }

@@ -139,7 +139,7 @@ fn print_report(path: &std::path::Path, r: &Report) {
         r.integrity.damaged.len()
     );
     if let Some(c) = &r.source {
-        print_source(c);
+        print_source(c, "Q8_ROW (--head q8)");
     }
     if r.compact_head {
         println!(
@@ -153,7 +153,8 @@ fn print_report(path: &std::path::Path, r: &Report) {
     }
 }
 
-fn print_source(c: &WeightComparison) {
+/// The comparison with the source checkpoint; `lossy` names how a lossy tensor is stored.
+pub(crate) fn print_source(c: &WeightComparison, lossy: &str) {
     println!(
         "source: {} tensors; {} trits, {} scales, {} float values compared; mismatches: {} trits, {} scales, {} floats",
         c.tensors, c.trits_compared, c.scales_compared, c.float_values_compared,
@@ -167,7 +168,7 @@ fn print_source(c: &WeightComparison) {
     }
     for q in &c.quantized {
         println!(
-            "  {} is Q8_ROW (--head q8), lossy by design: max |error| {:.3e} (max |value| {:.3e}), rms {:.3e}",
+            "  {} is {lossy}, lossy by design: max |error| {:.3e} (max |value| {:.3e}), rms {:.3e}",
             q.tensor, q.max_abs_error, q.max_abs_value, q.rms_error
         );
     }

@@ -209,63 +209,14 @@ impl ExportSource<'_> {
                 Ok((tq2, t.scale))
             }
             ExportSource::Checkpoint(p) => {
-                use crate::declared::{Origin, WeightRule};
-                use crate::ternary;
                 let ck = &p.checkpoint;
                 let plan = p.plan.iter().find(|x| x.name == name).expect("planned");
-                let src = ck.get(plan.origin.src()).expect("planned tensors exist");
-                let weight_scale = |n: &str| -> Result<f32> {
-                    let t = ck.get(n).expect("planned tensors exist");
-                    ternary::single_value(&ck.read(t)?, t.dtype).map_err(|e| ck.tensor_error(t, e))
+                let crate::declared::Origin::Ternary { rule, .. } = &plan.origin else {
+                    return Err(self.error(name, "not ternary".into()));
                 };
-                match &plan.origin {
-                    Origin::Ternary {
-                        rule:
-                            WeightRule::Packed {
-                                scale_tensor,
-                                convention,
-                            },
-                        ..
-                    } => {
-                        let scale_src = ck.get(scale_tensor).expect("planned tensors exist");
-                        let scale = ternary::normalized_scale(
-                            &ck.read(scale_src)?,
-                            scale_src.dtype,
-                            *convention,
-                        )
-                        .map_err(|e| ck.tensor_error(scale_src, e))?;
-                        let tq2 = ternary::packed_to_tq2(&ck.read(src)?, rows, cols).map_err(
-                            |(r, c)| {
-                                ck.tensor_error(
-                                    src,
-                                    format!("invalid code 3 at row {r}, column {c}"),
-                                )
-                            },
-                        )?;
-                        Ok((tq2, scale))
-                    }
-                    Origin::Ternary {
-                        rule: WeightRule::Masters,
-                        ..
-                    } => {
-                        let t = ternary::ternarize_masters(&ck.read(src)?, src.dtype, rows, cols)
-                            .map_err(|e| ck.tensor_error(src, e))?;
-                        Ok((t.tq2, t.scale))
-                    }
-                    Origin::Ternary {
-                        rule: WeightRule::TernaryFloat { scale_tensor },
-                        ..
-                    } => {
-                        let (tq2, s) =
-                            ternary::ternary_floats(&ck.read(src)?, src.dtype, rows, cols)
-                                .map_err(|e| ck.tensor_error(src, e))?;
-                        let ws = scale_tensor.as_deref().map(weight_scale).transpose()?;
-                        Ok((tq2, s * ws.unwrap_or(1.0)))
-                    }
-                    Origin::Float { .. } | Origin::Bias { .. } => {
-                        Err(self.error(name, "not ternary".into()))
-                    }
-                }
+                let src = ck.get(plan.origin.src()).expect("planned tensors exist");
+                // Conversion reports the same warnings; the export only needs the weights.
+                crate::decode_ternary(ck, rule, src, (rows, cols), &mut Vec::new())
             }
         }
     }

@@ -29,6 +29,8 @@
 use std::fmt;
 use std::sync::OnceLock;
 
+use tern_format::{tq1, tq2};
+
 /// `f::<N>(args)` for a run-time count `k` (rows of a GEMV group, tokens of a GEMM tile):
 /// the kernels take that count as a const generic so their loops unroll. Counts not listed
 /// go to the last arm, the largest.
@@ -48,6 +50,22 @@ pub mod scalar;
 
 pub use attention::AttendShape;
 
+/// The shape of a ternary GEMM (prefill): `rows` weight rows of `blocks` blocks each, times
+/// `tokens` int8 activation rows, row `t` starting at `t · q_stride` of the activation
+/// buffer. `q_stride` is at least `blocks ·` the layout's block columns; the kernels read
+/// only those first `blocks ·` block columns of each row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GemmShape {
+    /// Blocks per weight row (and per activation row).
+    pub blocks: usize,
+    /// Weight rows (outputs per token).
+    pub rows: usize,
+    /// Activation rows (tokens).
+    pub tokens: usize,
+    /// Distance between the starts of two activation rows, in int8 values.
+    pub q_stride: usize,
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86_64 {
     pub mod avx2;
@@ -61,16 +79,6 @@ mod aarch64 {
 
 #[cfg(test)]
 mod tests;
-
-/// Columns per TQ2 block.
-pub const TQ2_BLOCK_COLS: usize = 128;
-/// Bytes per TQ2 block.
-pub const TQ2_BLOCK_BYTES: usize = 32;
-
-/// Columns per TQ1 block.
-pub const TQ1_BLOCK_COLS: usize = 160;
-/// Bytes per TQ1 block.
-pub const TQ1_BLOCK_BYTES: usize = 32;
 
 /// Result of quantizing one activation row (see [`Kernels::quantize_row`]).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -170,9 +178,8 @@ pub enum KernelError {
 // `Kernels` value holding it exists only once `Isa::available()` confirmed them. The length
 // preconditions are checked (O(1) asserts) by the public methods *and* by the kernels.
 type QuantFn = unsafe fn(&[f32], &mut [i8]) -> QuantRow;
-type Tq2GemvFn = unsafe fn(&[u8], usize, &[i8], i32, &mut [i32]);
-type Tq2GemmFn = unsafe fn(&[u8], usize, usize, &[i8], &[i32], usize, &mut [i32]);
-type Tq1GemmFn = unsafe fn(&[u8], usize, usize, &[i8], usize, &[i32], usize, &mut [i32]);
+type GemvFn = unsafe fn(&[u8], usize, &[i8], i32, &mut [i32]);
+type GemmFn = unsafe fn(&[u8], GemmShape, &[i8], &[i32], &mut [i32]);
 type Q8GemvFn = unsafe fn(&[u8], usize, &[f32], &mut [f32]);
 type AttendFn = unsafe fn(AttendShape, &[f32], &[f32], &[f32], &mut [f32], &mut [f32]);
 type DenseU16Fn = unsafe fn(&[u16], usize, &[f32], &mut [f32]);
@@ -186,10 +193,10 @@ pub struct Kernels {
     pub isa: Isa,
     variant: &'static str,
     quantize: QuantFn,
-    tq2_gemv: Tq2GemvFn,
-    tq2_gemm: Tq2GemmFn,
-    tq1_gemv: Tq2GemvFn,
-    tq1_gemm: Tq1GemmFn,
+    tq2_gemv: GemvFn,
+    tq2_gemm: GemmFn,
+    tq1_gemv: GemvFn,
+    tq1_gemm: GemmFn,
     q8_gemv: Q8GemvFn,
     bf16_gemv: DenseU16Fn,
     f16_gemv: DenseU16Fn,
@@ -317,14 +324,14 @@ impl Kernels {
                 if is_x86_feature_detected!("avx512vnni") {
                     v.push(dense(
                         "avx512+vnni",
-                        vnni::tq2_gemv as Tq2GemvFn,
-                        vnni::tq2_gemm as Tq2GemmFn,
+                        vnni::tq2_gemv as GemvFn,
+                        vnni::tq2_gemm as GemmFn,
                     ));
                 }
                 v.push(dense(
                     "avx512",
-                    plain::tq2_gemv as Tq2GemvFn,
-                    plain::tq2_gemm as Tq2GemmFn,
+                    plain::tq2_gemv as GemvFn,
+                    plain::tq2_gemm as GemmFn,
                 ));
             }
             #[cfg(target_arch = "aarch64")]
@@ -347,18 +354,18 @@ impl Kernels {
                 if std::arch::is_aarch64_feature_detected!("dotprod") {
                     v.push(mk(
                         "neon+dotprod",
-                        neon::tq2_gemv_dotprod as Tq2GemvFn,
-                        neon::tq2_gemm_dotprod as Tq2GemmFn,
-                        neon::tq1_gemv_dotprod as Tq2GemvFn,
-                        neon::tq1_gemm_dotprod as Tq1GemmFn,
+                        neon::tq2_gemv_dotprod as GemvFn,
+                        neon::tq2_gemm_dotprod as GemmFn,
+                        neon::tq1_gemv_dotprod as GemvFn,
+                        neon::tq1_gemm_dotprod as GemmFn,
                     ));
                 }
                 v.push(mk(
                     "neon",
-                    neon::tq2_gemv as Tq2GemvFn,
-                    neon::tq2_gemm as Tq2GemmFn,
-                    neon::tq1_gemv as Tq2GemvFn,
-                    neon::tq1_gemm as Tq1GemmFn,
+                    neon::tq2_gemv as GemvFn,
+                    neon::tq2_gemm as GemmFn,
+                    neon::tq1_gemv as GemvFn,
+                    neon::tq1_gemm as GemmFn,
                 ));
             }
             #[allow(unreachable_patterns)]
@@ -399,31 +406,15 @@ impl Kernels {
         unsafe { (self.tq2_gemv)(w, nb, q, q_sum, out) }
     }
 
-    /// [`Kernels::tq2_gemv`] for `n` activation rows (prefill): `q` is `n` rows of `nb · 128`
-    /// int8 (row-major), `q_sums[t] = Σ q[t]`; `w` holds `rows` TQ2 rows; `out` is `n` rows
-    /// of `rows` i32: `out[t · rows + r]`. Each unpacked weight block is reused for a tile
-    /// of tokens.
-    #[allow(clippy::too_many_arguments)]
-    pub fn tq2_gemm(
-        &self,
-        w: &[u8],
-        nb: usize,
-        rows: usize,
-        q: &[i8],
-        q_sums: &[i32],
-        n: usize,
-        out: &mut [i32],
-    ) {
-        check_tq2_gemm(w, nb, rows, q, q_sums, n, out);
-        debug_assert!(
-            nb == 0
-                || q.chunks_exact(nb * TQ2_BLOCK_COLS)
-                    .zip(q_sums)
-                    .all(|(row, &s)| row.iter().map(|&v| v as i32).sum::<i32>() == s),
-            "q_sums[t] != Σ q[t]"
-        );
+    /// [`Kernels::tq2_gemv`] for `sh.tokens` activation rows (prefill): row `t` of `q` starts
+    /// at `t · sh.q_stride` and holds `sh.blocks · 128` int8, `q_sums[t]` is their sum; `w`
+    /// holds `sh.rows` TQ2 rows; `out` is `tokens` rows of `rows` i32: `out[t · rows + r]`.
+    /// Each unpacked weight block is reused for a tile of tokens.
+    pub fn tq2_gemm(&self, w: &[u8], sh: GemmShape, q: &[i8], q_sums: &[i32], out: &mut [i32]) {
+        check_gemm(TQ2, w, sh, q, q_sums, out);
+        debug_assert_sums(TQ2, sh, q, q_sums);
         // SAFETY: CPU features detected at construction; lengths checked above.
-        unsafe { (self.tq2_gemm)(w, nb, rows, q, q_sums, n, out) }
+        unsafe { (self.tq2_gemm)(w, sh, q, q_sums, out) }
     }
 
     /// Exact integer dot products of TQ1 rows with one quantized activation row:
@@ -441,32 +432,14 @@ impl Kernels {
         unsafe { (self.tq1_gemv)(w, nb, q, q_sum, out) }
     }
 
-    /// [`Kernels::tq1_gemv`] for `n` activation rows (prefill): row `t` of `q` starts at
-    /// `t · q_stride` (`q_stride >= nb · 160`; the kernel reads its first `nb · 160`),
-    /// `q_sums[t]` is the sum of those; `out[t · rows + r]`. Each unpacked weight block is
-    /// reused for a tile of tokens: TQ1's base-3 decoding costs more than the dot product.
-    #[allow(clippy::too_many_arguments)]
-    pub fn tq1_gemm(
-        &self,
-        w: &[u8],
-        nb: usize,
-        rows: usize,
-        q: &[i8],
-        q_stride: usize,
-        q_sums: &[i32],
-        n: usize,
-        out: &mut [i32],
-    ) {
-        check_tq1_gemm(w, nb, rows, q, q_stride, q_sums, n, out);
-        debug_assert!(
-            (0..n).all(|t| {
-                let row = &q[t * q_stride..t * q_stride + nb * TQ1_BLOCK_COLS];
-                row.iter().map(|&v| v as i32).sum::<i32>() == q_sums[t]
-            }),
-            "q_sums[t] != Σ q[t]"
-        );
+    /// [`Kernels::tq1_gemv`] for `sh.tokens` activation rows (prefill), laid out as for
+    /// [`Kernels::tq2_gemm`] with `sh.blocks · 160` int8 per row. Each unpacked weight block
+    /// is reused for a tile of tokens: TQ1's base-3 decoding costs more than the dot product.
+    pub fn tq1_gemm(&self, w: &[u8], sh: GemmShape, q: &[i8], q_sums: &[i32], out: &mut [i32]) {
+        check_gemm(TQ1, w, sh, q, q_sums, out);
+        debug_assert_sums(TQ1, sh, q, q_sums);
         // SAFETY: CPU features detected at construction; lengths checked above.
-        unsafe { (self.tq1_gemm)(w, nb, rows, q, q_stride, q_sums, n, out) }
+        unsafe { (self.tq1_gemm)(w, sh, q, q_sums, out) }
     }
 
     /// Q8_ROW rows times an f32 vector: `out[r] = scale_r · Σ_c q[r, c] · x[c]`, f32
@@ -526,25 +499,37 @@ pub(crate) fn gemm_chunk_rows(row_bytes: usize, rows: usize) -> usize {
     (16 * 1024 / row_bytes.max(1)).clamp(1, rows.max(1))
 }
 
-/// The loop every ternary GEMV kernel shares: rows in groups of four (one activation load
-/// serves four rows), then the one to three left; `dot(r, k)` returns `Σ code·q` of rows
-/// `r..r + k` in its first `k` lanes, and `out[r]` gets that minus `q_sum`.
+/// The loop every SIMD GEMV kernel shares (ternary and dense): rows in groups of four (one
+/// activation load serves four rows), then the one to three left; `dot(r, k)` returns the
+/// results of rows `r..r + k` in its first `k` entries, which go to `out[r..r + k]`.
 #[allow(dead_code)] // unused on targets with no SIMD kernels
 #[inline(always)]
-pub(crate) fn gemv_groups(
+pub(crate) fn gemv_groups<T: Copy>(out: &mut [T], mut dot: impl FnMut(usize, usize) -> [T; 4]) {
+    // Whole groups first, with `k = 4` known here so that the kernels' dispatch on `k` and
+    // the copy of the results compile to straight-line code (measured: a run-time `k` in
+    // every group cost the bf16 head 7.6 % more instructions).
+    let whole = out.len() / 4 * 4;
+    let mut groups = out.chunks_exact_mut(4);
+    for (i, group) in (&mut groups).enumerate() {
+        group.copy_from_slice(&dot(4 * i, 4));
+    }
+    let rest = groups.into_remainder();
+    if !rest.is_empty() {
+        let k = rest.len();
+        rest.copy_from_slice(&dot(whole, k)[..k]);
+    }
+}
+
+/// [`gemv_groups`] for the ternary kernels: `dot` returns `Σ code·q`, and `out[r]` gets that
+/// minus `q_sum` (`Σ t·q = Σ code·q − Σ q`).
+#[allow(dead_code)] // unused on targets with no SIMD kernels
+#[inline(always)]
+pub(crate) fn ternary_gemv_groups(
     out: &mut [i32],
     q_sum: i32,
     mut dot: impl FnMut(usize, usize) -> [i32; 4],
 ) {
-    let mut r = 0;
-    while r < out.len() {
-        let k = (out.len() - r).min(4);
-        let res = dot(r, k);
-        for (o, v) in out[r..r + k].iter_mut().zip(res) {
-            *o = v - q_sum;
-        }
-        r += k;
-    }
+    gemv_groups(out, |r, k| dot(r, k).map(|v| v - q_sum));
 }
 
 /// The loop every GEMM kernel shares: rows in chunks of [`gemm_chunk_rows`] and tokens in
@@ -587,7 +572,7 @@ pub(crate) fn gemm_tiles(
 #[track_caller]
 pub(crate) fn check_quantize(x: &[f32], q: &[i8]) {
     assert!(
-        q.len().is_multiple_of(TQ2_BLOCK_COLS) && q.len() >= x.len(),
+        q.len().is_multiple_of(tq2::BLOCK_COLS) && q.len() >= x.len(),
         "quantize_row: q.len() = {} must be a multiple of 128 and >= x.len() = {}",
         q.len(),
         x.len()
@@ -599,42 +584,13 @@ pub(crate) fn check_quantize(x: &[f32], q: &[i8]) {
 pub(crate) fn check_tq2_gemv(w: &[u8], nb: usize, q: &[i8], out: &[i32]) {
     assert_eq!(
         q.len(),
-        nb * TQ2_BLOCK_COLS,
+        nb * tq2::BLOCK_COLS,
         "tq2_gemv: q.len() != nb * 128"
     );
     assert_eq!(
         Some(w.len()),
-        out.len().checked_mul(nb * TQ2_BLOCK_BYTES),
+        out.len().checked_mul(nb * tq2::BLOCK_BYTES),
         "tq2_gemv: w.len() != out.len() * nb * 32"
-    );
-}
-
-#[inline]
-#[track_caller]
-pub(crate) fn check_tq2_gemm(
-    w: &[u8],
-    nb: usize,
-    rows: usize,
-    q: &[i8],
-    q_sums: &[i32],
-    n: usize,
-    out: &[i32],
-) {
-    assert_eq!(
-        Some(w.len()),
-        rows.checked_mul(nb * TQ2_BLOCK_BYTES),
-        "tq2_gemm: w.len() != rows * nb * 32"
-    );
-    assert_eq!(
-        Some(q.len()),
-        n.checked_mul(nb * TQ2_BLOCK_COLS),
-        "tq2_gemm: q.len() != n * nb * 128"
-    );
-    assert_eq!(q_sums.len(), n, "tq2_gemm: q_sums.len() != n");
-    assert_eq!(
-        Some(out.len()),
-        n.checked_mul(rows),
-        "tq2_gemm: out.len() != n * rows"
     );
 }
 
@@ -643,52 +599,87 @@ pub(crate) fn check_tq2_gemm(
 pub(crate) fn check_tq1_gemv(w: &[u8], nb: usize, q: &[i8], out: &[i32]) {
     assert_eq!(
         q.len(),
-        nb * TQ1_BLOCK_COLS,
+        nb * tq1::BLOCK_COLS,
         "tq1_gemv: q.len() != nb * 160"
     );
     assert_eq!(
         Some(w.len()),
-        out.len().checked_mul(nb * TQ1_BLOCK_BYTES),
+        out.len().checked_mul(nb * tq1::BLOCK_BYTES),
         "tq1_gemv: w.len() != out.len() * nb * 32"
     );
 }
 
+/// A ternary layout's block geometry, as the GEMM checks need it.
+#[derive(Clone, Copy)]
+pub(crate) struct Blocks {
+    name: &'static str,
+    bytes: usize,
+    cols: usize,
+}
+
+pub(crate) const TQ2: Blocks = Blocks {
+    name: "tq2_gemm",
+    bytes: tq2::BLOCK_BYTES,
+    cols: tq2::BLOCK_COLS,
+};
+pub(crate) const TQ1: Blocks = Blocks {
+    name: "tq1_gemm",
+    bytes: tq1::BLOCK_BYTES,
+    cols: tq1::BLOCK_COLS,
+};
+
 #[inline]
 #[track_caller]
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn check_tq1_gemm(
+pub(crate) fn check_gemm(
+    l: Blocks,
     w: &[u8],
-    nb: usize,
-    rows: usize,
+    sh: GemmShape,
     q: &[i8],
-    q_stride: usize,
     q_sums: &[i32],
-    n: usize,
     out: &[i32],
 ) {
+    let name = l.name;
+    let row_len = sh.blocks.checked_mul(l.cols);
     assert_eq!(
         Some(w.len()),
-        rows.checked_mul(nb * TQ1_BLOCK_BYTES),
-        "tq1_gemm: w.len() != rows * nb * 32"
+        sh.blocks
+            .checked_mul(l.bytes)
+            .and_then(|rb| rb.checked_mul(sh.rows)),
+        "{name}: w.len() != rows * blocks * {}",
+        l.bytes
     );
     assert!(
-        q_stride >= nb * TQ1_BLOCK_COLS,
-        "tq1_gemm: q_stride < nb * 160"
+        row_len.is_some_and(|len| sh.q_stride >= len),
+        "{name}: q_stride < blocks * {}",
+        l.cols
     );
-    // The last row needs only its first nb · 160 bytes.
-    let need = n.checked_sub(1).map(|m| {
-        m.checked_mul(q_stride)
-            .and_then(|v| v.checked_add(nb * TQ1_BLOCK_COLS))
+    // The last row needs only its first blocks · cols values.
+    let need = sh.tokens.checked_sub(1).map(|m| {
+        m.checked_mul(sh.q_stride)
+            .and_then(|v| v.checked_add(row_len?))
     });
     assert!(
         need.is_none_or(|need| need.is_some_and(|need| q.len() >= need)),
-        "tq1_gemm: q.len() < (n - 1) * q_stride + nb * 160"
+        "{name}: q.len() < (tokens - 1) * q_stride + blocks * {}",
+        l.cols
     );
-    assert_eq!(q_sums.len(), n, "tq1_gemm: q_sums.len() != n");
+    assert_eq!(q_sums.len(), sh.tokens, "{name}: q_sums.len() != tokens");
     assert_eq!(
         Some(out.len()),
-        n.checked_mul(rows),
-        "tq1_gemm: out.len() != n * rows"
+        sh.tokens.checked_mul(sh.rows),
+        "{name}: out.len() != tokens * rows"
+    );
+}
+
+/// Debug builds: `q_sums[t]` is the sum of activation row `t` (what the kernels assume).
+fn debug_assert_sums(l: Blocks, sh: GemmShape, q: &[i8], q_sums: &[i32]) {
+    debug_assert!(
+        (0..sh.tokens).all(|t| {
+            let row = &q[t * sh.q_stride..t * sh.q_stride + sh.blocks * l.cols];
+            row.iter().map(|&v| v as i32).sum::<i32>() == q_sums[t]
+        }),
+        "{}: q_sums[t] != Σ q[t]",
+        l.name
     );
 }
 
@@ -724,18 +715,13 @@ pub(crate) fn check_attend(
     );
 }
 
-/// Bytes of one Q8_ROW record of `cols` columns.
-pub fn q8_row_stride(cols: usize) -> usize {
-    4 + cols.div_ceil(4) * 4
-}
-
 #[inline]
 #[track_caller]
 pub(crate) fn check_q8_gemv(w: &[u8], cols: usize, x: &[f32], out: &[f32]) {
     assert_eq!(x.len(), cols, "q8_gemv: x.len() != cols");
     assert_eq!(
         Some(w.len()),
-        out.len().checked_mul(q8_row_stride(cols)),
+        out.len().checked_mul(q8_stride(cols)),
         "q8_gemv: w.len() != out.len() * row stride"
     );
 }
@@ -749,4 +735,10 @@ pub(crate) fn check_dense(w_len: usize, cols: usize, x: &[f32], out: &[f32]) {
         out.len().checked_mul(cols),
         "dense gemv: w.len() != out.len() * cols"
     );
+}
+
+/// Bytes of one Q8_ROW record of `cols` columns (`tern_format::q8row::row_stride`).
+#[inline]
+pub(crate) fn q8_stride(cols: usize) -> usize {
+    tern_format::q8row::row_stride(cols as u64) as usize
 }

@@ -6,10 +6,10 @@
 //! a reader rejects when verifying) gives the same result on every ISA, as if `t = 2`.
 
 use super::{
-    check_dense, check_q8_gemv, check_quantize, check_tq1_gemm, check_tq1_gemv, check_tq2_gemm,
-    check_tq2_gemv, q8_row_stride, QuantRow, TQ1_BLOCK_BYTES, TQ1_BLOCK_COLS, TQ2_BLOCK_BYTES,
-    TQ2_BLOCK_COLS,
+    check_dense, check_gemm, check_q8_gemv, check_quantize, check_tq1_gemv, check_tq2_gemv,
+    q8_stride, GemmShape, QuantRow, TQ1, TQ2,
 };
+use tern_format::{tq1, tq2};
 
 /// Reference [`super::Kernels::quantize_row`].
 pub fn quantize_row(x: &[f32], q: &mut [i8]) -> QuantRow {
@@ -33,8 +33,8 @@ pub fn quantize_row(x: &[f32], q: &mut [i8]) -> QuantRow {
 fn tq2_dot_codes(row: &[u8], q: &[i8]) -> i32 {
     let mut acc = 0i32;
     for (blk, qb) in row
-        .chunks_exact(TQ2_BLOCK_BYTES)
-        .zip(q.chunks_exact(TQ2_BLOCK_COLS))
+        .chunks_exact(tq2::BLOCK_BYTES)
+        .zip(q.chunks_exact(tq2::BLOCK_COLS))
     {
         for (j, &byte) in blk.iter().enumerate() {
             for i in 0..4 {
@@ -53,34 +53,35 @@ pub fn tq2_gemv(w: &[u8], nb: usize, q: &[i8], q_sum: i32, out: &mut [i32]) {
         out.fill(0);
         return;
     }
-    for (o, row) in out.iter_mut().zip(w.chunks_exact(nb * TQ2_BLOCK_BYTES)) {
+    for (o, row) in out.iter_mut().zip(w.chunks_exact(nb * tq2::BLOCK_BYTES)) {
         *o = tq2_dot_codes(row, q) - q_sum;
     }
 }
 
-/// Reference [`super::Kernels::tq2_gemm`].
-pub fn tq2_gemm(
-    w: &[u8],
-    nb: usize,
-    rows: usize,
+/// Reference [`super::Kernels::tq2_gemm`]: one [`tq2_gemv`] per token.
+pub fn tq2_gemm(w: &[u8], sh: GemmShape, q: &[i8], q_sums: &[i32], out: &mut [i32]) {
+    check_gemm(TQ2, w, sh, q, q_sums, out);
+    per_token(sh, q, q_sums, out, tq2::BLOCK_COLS, |qt, sum, out| {
+        tq2_gemv(w, sh.blocks, qt, sum, out)
+    });
+}
+
+/// A GEMM as one GEMV per token (`len = blocks ·` block columns values of each row).
+fn per_token(
+    sh: GemmShape,
     q: &[i8],
     q_sums: &[i32],
-    n: usize,
     out: &mut [i32],
+    block_cols: usize,
+    mut gemv: impl FnMut(&[i8], i32, &mut [i32]),
 ) {
-    check_tq2_gemm(w, nb, rows, q, q_sums, n, out);
-    if nb == 0 {
-        out.fill(0);
-        return;
-    }
-    for t in 0..n {
-        let qt = &q[t * nb * TQ2_BLOCK_COLS..(t + 1) * nb * TQ2_BLOCK_COLS];
-        for (o, row) in out[t * rows..(t + 1) * rows]
-            .iter_mut()
-            .zip(w.chunks_exact(nb * TQ2_BLOCK_BYTES))
-        {
-            *o = tq2_dot_codes(row, qt) - q_sums[t];
-        }
+    let len = sh.blocks * block_cols;
+    for (t, out) in out
+        .chunks_exact_mut(sh.rows.max(1))
+        .take(sh.tokens)
+        .enumerate()
+    {
+        gemv(&q[t * sh.q_stride..t * sh.q_stride + len], q_sums[t], out);
     }
 }
 
@@ -90,8 +91,8 @@ pub fn tq2_gemm(
 fn tq1_dot_digits(row: &[u8], q: &[i8]) -> i32 {
     let mut acc = 0i32;
     for (blk, qb) in row
-        .chunks_exact(TQ1_BLOCK_BYTES)
-        .zip(q.chunks_exact(TQ1_BLOCK_COLS))
+        .chunks_exact(tq1::BLOCK_BYTES)
+        .zip(q.chunks_exact(tq1::BLOCK_COLS))
     {
         for (j, &byte) in blk.iter().enumerate() {
             let mut m = byte;
@@ -112,36 +113,24 @@ pub fn tq1_gemv(w: &[u8], nb: usize, q: &[i8], q_sum: i32, out: &mut [i32]) {
         out.fill(0);
         return;
     }
-    for (o, row) in out.iter_mut().zip(w.chunks_exact(nb * TQ1_BLOCK_BYTES)) {
+    for (o, row) in out.iter_mut().zip(w.chunks_exact(nb * tq1::BLOCK_BYTES)) {
         *o = tq1_dot_digits(row, q) - q_sum;
     }
 }
 
 /// Reference [`super::Kernels::tq1_gemm`]: one [`tq1_gemv`] per token.
-#[allow(clippy::too_many_arguments)]
-pub fn tq1_gemm(
-    w: &[u8],
-    nb: usize,
-    rows: usize,
-    q: &[i8],
-    q_stride: usize,
-    q_sums: &[i32],
-    n: usize,
-    out: &mut [i32],
-) {
-    check_tq1_gemm(w, nb, rows, q, q_stride, q_sums, n, out);
-    let len = nb * TQ1_BLOCK_COLS;
-    for t in 0..n {
-        let qt = &q[t * q_stride..t * q_stride + len];
-        tq1_gemv(w, nb, qt, q_sums[t], &mut out[t * rows..(t + 1) * rows]);
-    }
+pub fn tq1_gemm(w: &[u8], sh: GemmShape, q: &[i8], q_sums: &[i32], out: &mut [i32]) {
+    check_gemm(TQ1, w, sh, q, q_sums, out);
+    per_token(sh, q, q_sums, out, tq1::BLOCK_COLS, |qt, sum, out| {
+        tq1_gemv(w, sh.blocks, qt, sum, out)
+    });
 }
 
 /// Reference [`super::Kernels::q8_gemv`]: eight interleaved f32 partial sums of `q · x`
 /// (like the dense kernels), times the row scale.
 pub fn q8_gemv(w: &[u8], cols: usize, x: &[f32], out: &mut [f32]) {
     check_q8_gemv(w, cols, x, out);
-    for (o, rec) in out.iter_mut().zip(w.chunks_exact(q8_row_stride(cols))) {
+    for (o, rec) in out.iter_mut().zip(w.chunks_exact(q8_stride(cols))) {
         let scale = f32::from_le_bytes([rec[0], rec[1], rec[2], rec[3]]);
         *o = scale * dense_dot(&rec[4..4 + cols], x, |b: u8| f32::from(b as i8));
     }

@@ -3,6 +3,8 @@
 //! against naive formulas and the worked example of format.md §6.1.
 
 use super::*;
+use rand::rngs::SmallRng;
+use rand::{RngCore, SeedableRng};
 use tern_format::tq2::pack_row as tq2_pack_row;
 
 fn tq2_row_bytes_usize(cols: usize) -> usize {
@@ -17,20 +19,15 @@ fn tq2_unpack_row(bytes: &[u8], cols: usize, out: &mut [i8]) -> Result<(), usize
     tern_format::tq2::unpack_row(bytes, &mut out[..cols])
 }
 
-/// xorshift64* — small deterministic PRNG, no dependency.
-struct Rng(u64);
+/// Seeded test inputs.
+struct Rng(SmallRng);
 
 impl Rng {
     fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+        Rng(SmallRng::seed_from_u64(seed))
     }
     fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        self.0.next_u64()
     }
     /// Uniform in `lo..=hi`.
     fn range(&mut self, lo: usize, hi: usize) -> usize {
@@ -406,9 +403,21 @@ fn tq2_gemv_extreme_sums_and_empty() {
         assert_eq!(out, [0, 0, 0], "{}", k.variant());
         k.tq2_gemv(&[], 3, &[0; 384], 0, &mut []);
         let mut out = vec![7i32; 6];
-        k.tq2_gemm(&[], 0, 3, &[], &[0, 0], 2, &mut out);
+        let sh = GemmShape {
+            blocks: 0,
+            rows: 3,
+            tokens: 2,
+            q_stride: 0,
+        };
+        k.tq2_gemm(&[], sh, &[], &[0, 0], &mut out);
         assert_eq!(out, [0; 6], "{}", k.variant());
-        k.tq2_gemm(&[0x55; 64], 2, 1, &[], &[], 0, &mut []);
+        let sh = GemmShape {
+            blocks: 2,
+            rows: 1,
+            tokens: 0,
+            q_stride: 256,
+        };
+        k.tq2_gemm(&[0x55; 64], sh, &[], &[], &mut []);
     }
 }
 
@@ -442,21 +451,31 @@ fn tq2_gemm_all_isas_match_scalar_and_gemv() {
         let n = if case < 9 { case + 1 } else { rng.range(1, 9) };
         let tf = TRIT_FILLS[case % 5];
         let (w, trits) = make_weights(&mut rng, rows, cols, tf);
-        let mut q = Vec::with_capacity(n * nb * 128);
+        // Every third case leaves a gap between activation rows, which must not be read.
+        let len = nb * 128;
+        let stride = len + if case % 3 == 2 { 128 } else { 0 };
+        let mut q = Vec::with_capacity(n * stride);
         for t in 0..n {
             let af = ACT_FILLS[(case / 5 + t) % 5];
             q.extend(make_acts(&mut rng, cols, nb, af));
+            q.resize((t + 1) * stride, 99);
         }
         let q_sums: Vec<i32> = q
-            .chunks_exact(nb * 128)
-            .map(|r| r.iter().map(|&v| v as i32).sum())
+            .chunks_exact(stride)
+            .map(|r| r[..len].iter().map(|&v| v as i32).sum())
             .collect();
-        let what = format!("nb={nb} cols={cols} rows={rows} n={n} {tf:?}");
+        let what = format!("nb={nb} cols={cols} rows={rows} n={n} stride={stride} {tf:?}");
+        let sh = GemmShape {
+            blocks: nb,
+            rows,
+            tokens: n,
+            q_stride: stride,
+        };
 
         let mut want = vec![0i32; n * rows];
-        scalar_kernels().tq2_gemm(&w, nb, rows, &q, &q_sums, n, &mut want);
+        scalar_kernels().tq2_gemm(&w, sh, &q, &q_sums, &mut want);
         for t in 0..n {
-            let qt = &q[t * nb * 128..(t + 1) * nb * 128];
+            let qt = &q[t * stride..t * stride + len];
             for r in 0..rows {
                 let naive = naive_dot(&trits[r * cols..(r + 1) * cols], &qt[..cols]);
                 assert_eq!(
@@ -468,12 +487,12 @@ fn tq2_gemm_all_isas_match_scalar_and_gemv() {
         }
         for k in &ks {
             let mut got = vec![i32::MIN; n * rows];
-            k.tq2_gemm(&w, nb, rows, &q, &q_sums, n, &mut got);
+            k.tq2_gemm(&w, sh, &q, &q_sums, &mut got);
             assert_eq!(got, want, "{} gemm {what}", k.variant());
             // and GEMM == one GEMV per token
             for t in 0..n {
                 let mut g = vec![0i32; rows];
-                let qt = &q[t * nb * 128..(t + 1) * nb * 128];
+                let qt = &q[t * stride..t * stride + len];
                 k.tq2_gemv(&w, nb, qt, q_sums[t], &mut g);
                 assert_eq!(
                     &g[..],
@@ -689,7 +708,7 @@ fn tq1_gemv_all_isas_match_scalar_and_naive() {
         ];
         for (fill, act) in cases {
             let (w, trits) = make_tq1(&mut rng, rows, cols, fill);
-            let mut q = vec![0i8; nb * TQ1_BLOCK_COLS];
+            let mut q = vec![0i8; nb * tq1::BLOCK_COLS];
             for v in &mut q[..cols] {
                 *v = act.unwrap_or_else(|| rng.i8());
             }
@@ -717,11 +736,11 @@ fn tq1_gemm_all_isas_match_scalar_and_naive() {
     let mut rng = Rng::new(71);
     for case in 0..120 {
         let nb = rng.range(1, 45);
-        let cols = nb * TQ1_BLOCK_COLS - rng.range(0, TQ1_BLOCK_COLS - 1);
+        let cols = nb * tq1::BLOCK_COLS - rng.range(0, tq1::BLOCK_COLS - 1);
         let rows = rng.range(1, 23);
         let n = if case < 9 { case + 1 } else { rng.range(1, 11) };
         // The model's stride: nb · 160 rounded up to the quantizer's 128, sometimes more.
-        let stride = (nb * TQ1_BLOCK_COLS).div_ceil(128) * 128 + 128 * rng.range(0, 2);
+        let stride = (nb * tq1::BLOCK_COLS).div_ceil(128) * 128 + 128 * rng.range(0, 2);
         let fill = [0i8, 0, 1, -1][case % 4];
         let (w, trits) = make_tq1(&mut rng, rows, cols, fill);
         let mut q = vec![0i8; n * stride];
@@ -735,7 +754,7 @@ fn tq1_gemm_all_isas_match_scalar_and_naive() {
                 *v = act.unwrap_or_else(|| rng.i8());
             }
             // Bytes beyond nb · 160 are not read: make them loud.
-            for v in &mut q[t * stride + nb * TQ1_BLOCK_COLS..(t + 1) * stride] {
+            for v in &mut q[t * stride + nb * tq1::BLOCK_COLS..(t + 1) * stride] {
                 *v = 99;
             }
         }
@@ -748,8 +767,14 @@ fn tq1_gemm_all_isas_match_scalar_and_naive() {
             })
             .collect();
         let what = format!("nb={nb} cols={cols} rows={rows} n={n} stride={stride} fill={fill}");
+        let sh = GemmShape {
+            blocks: nb,
+            rows,
+            tokens: n,
+            q_stride: stride,
+        };
         let mut want = vec![0i32; n * rows];
-        scalar_kernels().tq1_gemm(&w, nb, rows, &q, stride, &q_sums, n, &mut want);
+        scalar_kernels().tq1_gemm(&w, sh, &q, &q_sums, &mut want);
         for t in 0..n {
             for r in 0..rows {
                 let qt = &q[t * stride..t * stride + cols];
@@ -763,7 +788,7 @@ fn tq1_gemm_all_isas_match_scalar_and_naive() {
         }
         for k in &ks {
             let mut got = vec![i32::MIN; n * rows];
-            k.tq1_gemm(&w, nb, rows, &q, stride, &q_sums, n, &mut got);
+            k.tq1_gemm(&w, sh, &q, &q_sums, &mut got);
             assert_eq!(got, want, "{} {what}", k.variant());
         }
     }
@@ -776,10 +801,10 @@ fn tq1_gemv_every_byte_value_is_consistent_across_isas() {
     let mut rng = Rng::new(5);
     let nb = 8;
     let rows = 9;
-    let w: Vec<u8> = (0..rows * nb * TQ1_BLOCK_BYTES)
+    let w: Vec<u8> = (0..rows * nb * tq1::BLOCK_BYTES)
         .map(|i| (i * 7 % 256) as u8)
         .collect();
-    let q: Vec<i8> = (0..nb * TQ1_BLOCK_COLS).map(|_| rng.i8()).collect();
+    let q: Vec<i8> = (0..nb * tq1::BLOCK_COLS).map(|_| rng.i8()).collect();
     let q_sum: i32 = q.iter().map(|&v| v as i32).sum();
     let mut want = vec![0i32; rows];
     scalar_kernels().tq1_gemv(&w, nb, &q, q_sum, &mut want);
@@ -807,7 +832,7 @@ fn q8_gemv_all_isas_close_to_exact() {
     let ks = variants();
     let mut rng = Rng::new(32);
     for (rows, cols) in [(1, 1), (3, 7), (5, 8), (4, 33), (9, 100), (17, 2560)] {
-        let stride = q8_row_stride(cols);
+        let stride = q8_stride(cols);
         let wf: Vec<f32> = (0..rows * cols).map(|_| rng.unit()).collect();
         let x: Vec<f32> = (0..cols).map(|_| 4.0 * rng.unit()).collect();
         let mut w = vec![0xAAu8; rows * stride];

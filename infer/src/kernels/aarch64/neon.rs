@@ -15,10 +15,10 @@ use std::arch::aarch64::*;
 use std::arch::asm;
 
 use crate::kernels::{
-    check_dense, check_q8_gemv, check_quantize, check_tq1_gemm, check_tq1_gemv, check_tq2_gemm,
-    check_tq2_gemv, gemm_tiles, gemv_groups, q8_row_stride, scalar, QuantRow, TQ1_BLOCK_BYTES,
-    TQ1_BLOCK_COLS, TQ2_BLOCK_BYTES as BB, TQ2_BLOCK_COLS as BC,
+    check_dense, check_gemm, check_q8_gemv, check_quantize, check_tq1_gemv, check_tq2_gemv,
+    gemm_tiles, gemv_groups, q8_stride, scalar, ternary_gemv_groups, GemmShape, QuantRow, TQ1, TQ2,
 };
+use tern_format::{tq1, tq2};
 
 // ---- quantization ------------------------------------------------------------------------
 
@@ -217,14 +217,14 @@ macro_rules! tq2_kernels {
         #[inline]
         #[target_feature(enable = $features)]
         unsafe fn $rows<const R: usize>(w: *const u8, nb: usize, q: *const i8) -> int32x4_t {
-            let rb = nb * BB;
+            let rb = nb * tq2::BLOCK_BYTES;
             let mut acc = [vdupq_n_s32(0); 4];
             for b in 0..nb {
                 // SAFETY: b < nb: the block's activations are in bounds.
-                let qv = unsafe { load_q::<8>(q.add(b * BC)) };
+                let qv = unsafe { load_q::<8>(q.add(b * tq2::BLOCK_COLS)) };
                 for (r, a) in acc.iter_mut().enumerate().take(R) {
                     // SAFETY: r < R, b < nb: the block lies inside the R rows at `w`.
-                    let codes = unsafe { unpack(w.add(r * rb + b * BB)) };
+                    let codes = unsafe { unpack(w.add(r * rb + b * tq2::BLOCK_BYTES)) };
                     *a = $block_dot(*a, &codes, &qv);
                 }
             }
@@ -238,9 +238,9 @@ macro_rules! tq2_kernels {
         #[target_feature(enable = $features)]
         pub(crate) unsafe fn $gemv(w: &[u8], nb: usize, q: &[i8], q_sum: i32, out: &mut [i32]) {
             check_tq2_gemv(w, nb, q, out);
-            let rb = nb * BB;
+            let rb = nb * tq2::BLOCK_BYTES;
             let (wp, qp) = (w.as_ptr(), q.as_ptr());
-            gemv_groups(out, q_sum, |r, k| {
+            ternary_gemv_groups(out, q_sum, |r, k| {
                 // SAFETY: rows r..r+k exist (w.len() == rows · rb), q has nb · 128 bytes.
                 let v = unsafe {
                     let wr = wp.add(r * rb);
@@ -254,21 +254,26 @@ macro_rules! tq2_kernels {
         }
 
         /// `Σ code·q` of one row (`nb` blocks at `w`) with `T ≤ 8` activation rows at `q`
-        /// (stride `nb · 128`), each unpacked block reused for all `T` tokens.
+        /// (stride `qs`), each unpacked block reused for all `T` tokens.
         ///
         /// # Safety
-        /// `w` readable for `nb · 32` bytes, `q` for `T · nb · 128`; features available.
+        /// `w` readable for `nb · 32` bytes, `q` for `(T − 1) · qs + nb · 128`; features
+        /// available.
         #[inline]
         #[target_feature(enable = $features)]
-        unsafe fn $tile<const T: usize>(w: *const u8, nb: usize, q: *const i8) -> [i32; 8] {
-            let qs = nb * BC;
+        unsafe fn $tile<const T: usize>(
+            w: *const u8,
+            nb: usize,
+            q: *const i8,
+            qs: usize,
+        ) -> [i32; 8] {
             let mut acc = [vdupq_n_s32(0); 8];
             for b in 0..nb {
                 // SAFETY: b < nb: the block is inside the row.
-                let codes = unsafe { unpack(w.add(b * BB)) };
+                let codes = unsafe { unpack(w.add(b * tq2::BLOCK_BYTES)) };
                 for (t, a) in acc.iter_mut().enumerate().take(T) {
                     // SAFETY: t < T, b < nb: inside activation row t.
-                    let qv = unsafe { load_q::<8>(q.add(t * qs + b * BC)) };
+                    let qv = unsafe { load_q::<8>(q.add(t * qs + b * tq2::BLOCK_COLS)) };
                     *a = $block_dot(*a, &codes, &qv);
                 }
             }
@@ -291,20 +296,19 @@ macro_rules! tq2_kernels {
         #[target_feature(enable = $features)]
         pub(crate) unsafe fn $gemm(
             w: &[u8],
-            nb: usize,
-            rows: usize,
+            sh: GemmShape,
             q: &[i8],
             q_sums: &[i32],
-            n: usize,
             out: &mut [i32],
         ) {
-            check_tq2_gemm(w, nb, rows, q, q_sums, n, out);
-            let (rb, qs) = (nb * BB, nb * BC);
-            gemm_tiles(rb, rows, n, 4, q_sums, out, |r, t0, tn| {
-                // SAFETY: row r < rows and tokens t0..t0+tn < n exist (lengths checked).
+            check_gemm(TQ2, w, sh, q, q_sums, out);
+            let (nb, qs) = (sh.blocks, sh.q_stride);
+            let rb = nb * tq2::BLOCK_BYTES;
+            gemm_tiles(rb, sh.rows, sh.tokens, 4, q_sums, out, |r, t0, tn| {
+                // SAFETY: row r < rows and tokens t0..t0+tn < tokens exist (lengths checked).
                 unsafe {
                     let (wr, qt) = (w.as_ptr().add(r * rb), q.as_ptr().add(t0 * qs));
-                    const_count!(tn, $tile(wr, nb, qt), 1 | 2 | 3 => 4)
+                    const_count!(tn, $tile(wr, nb, qt, qs), 1 | 2 | 3 => 4)
                 }
             });
         }
@@ -372,14 +376,14 @@ macro_rules! tq1_kernels {
         #[inline]
         #[target_feature(enable = $features)]
         unsafe fn $rows<const R: usize>(w: *const u8, nb: usize, q: *const i8) -> int32x4_t {
-            let rb = nb * TQ1_BLOCK_BYTES;
+            let rb = nb * tq1::BLOCK_BYTES;
             let mut acc = [vdupq_n_s32(0); 4];
             for b in 0..nb {
                 // SAFETY: b < nb: the block's activations are in bounds.
-                let qv = unsafe { load_q::<10>(q.add(b * TQ1_BLOCK_COLS)) };
+                let qv = unsafe { load_q::<10>(q.add(b * tq1::BLOCK_COLS)) };
                 for (r, a) in acc.iter_mut().enumerate().take(R) {
                     // SAFETY: r < R, b < nb: the block lies inside the R rows at `w`.
-                    let d = unsafe { unpack_tq1(w.add(r * rb + b * TQ1_BLOCK_BYTES)) };
+                    let d = unsafe { unpack_tq1(w.add(r * rb + b * tq1::BLOCK_BYTES)) };
                     *a = $block_dot(*a, &d, &qv);
                 }
             }
@@ -393,9 +397,9 @@ macro_rules! tq1_kernels {
         #[target_feature(enable = $features)]
         pub(crate) unsafe fn $gemv(w: &[u8], nb: usize, q: &[i8], q_sum: i32, out: &mut [i32]) {
             check_tq1_gemv(w, nb, q, out);
-            let rb = nb * TQ1_BLOCK_BYTES;
+            let rb = nb * tq1::BLOCK_BYTES;
             let (wp, qp) = (w.as_ptr(), q.as_ptr());
-            gemv_groups(out, q_sum, |r, k| {
+            ternary_gemv_groups(out, q_sum, |r, k| {
                 // SAFETY: rows r..r+k exist (w.len() == rows · rb), q has nb · 160 bytes.
                 let v = unsafe {
                     let wr = wp.add(r * rb);
@@ -424,10 +428,10 @@ macro_rules! tq1_kernels {
             let mut acc = [vdupq_n_s32(0); 4];
             for b in 0..nb {
                 // SAFETY: b < nb: the block is inside the row.
-                let d = unsafe { unpack_tq1(w.add(b * TQ1_BLOCK_BYTES)) };
+                let d = unsafe { unpack_tq1(w.add(b * tq1::BLOCK_BYTES)) };
                 for (t, a) in acc.iter_mut().enumerate().take(T) {
                     // SAFETY: t < T, b < nb: the block's activations of token t.
-                    let qv = unsafe { load_q::<10>(q.add(t * qs + b * TQ1_BLOCK_COLS)) };
+                    let qv = unsafe { load_q::<10>(q.add(t * qs + b * tq1::BLOCK_COLS)) };
                     *a = $block_dot(*a, &d, &qv);
                 }
             }
@@ -438,25 +442,22 @@ macro_rules! tq1_kernels {
         ///
         /// # Safety
         /// The CPU must support the features of this function's `target_feature`.
-        #[allow(clippy::too_many_arguments)]
         #[target_feature(enable = $features)]
         pub(crate) unsafe fn $gemm(
             w: &[u8],
-            nb: usize,
-            rows: usize,
+            sh: GemmShape,
             q: &[i8],
-            q_stride: usize,
             q_sums: &[i32],
-            n: usize,
             out: &mut [i32],
         ) {
-            check_tq1_gemm(w, nb, rows, q, q_stride, q_sums, n, out);
-            let rb = nb * TQ1_BLOCK_BYTES;
-            gemm_tiles(rb, rows, n, 4, q_sums, out, |r, t0, tn| {
-                // SAFETY: row r < rows and tokens t0..t0+tn < n exist (lengths checked).
+            check_gemm(TQ1, w, sh, q, q_sums, out);
+            let (nb, qs) = (sh.blocks, sh.q_stride);
+            let rb = nb * tq1::BLOCK_BYTES;
+            gemm_tiles(rb, sh.rows, sh.tokens, 4, q_sums, out, |r, t0, tn| {
+                // SAFETY: row r < rows and tokens t0..t0+tn < tokens exist (lengths checked).
                 let v = unsafe {
-                    let (wr, qt) = (w.as_ptr().add(r * rb), q.as_ptr().add(t0 * q_stride));
-                    const_count!(tn, $tile(wr, nb, qt, q_stride), 1 | 2 | 3 => 4)
+                    let (wr, qt) = (w.as_ptr().add(r * rb), q.as_ptr().add(t0 * qs));
+                    const_count!(tn, $tile(wr, nb, qt, qs), 1 | 2 | 3 => 4)
                 };
                 let mut res = [0i32; 8];
                 // SAFETY: `res` has room for 4 i32.
@@ -494,7 +495,7 @@ tq1_kernels!(
 #[target_feature(enable = "neon")]
 pub(crate) unsafe fn q8_gemv(w: &[u8], cols: usize, x: &[f32], out: &mut [f32]) {
     check_q8_gemv(w, cols, x, out);
-    let stride = q8_row_stride(cols);
+    let stride = q8_stride(cols);
     let xp = x.as_ptr();
     for (o, rec) in out.iter_mut().zip(w.chunks_exact(stride)) {
         let scale = f32::from_le_bytes([rec[0], rec[1], rec[2], rec[3]]);
@@ -633,23 +634,16 @@ macro_rules! dense_gemv {
         #[target_feature(enable = "neon")]
         pub(crate) unsafe fn $name(w: &[$t], cols: usize, x: &[f32], out: &mut [f32]) {
             check_dense(w.len(), cols, x, out);
-            let rows = out.len();
             let wp = w.as_ptr();
-            let mut r = 0;
-            while r + 4 <= rows {
-                // SAFETY: rows r..r+4 exist (w.len() == rows · cols checked).
-                let v = unsafe { $rows_fn::<4>(wp.add(r * cols), cols, x) };
-                out[r..r + 4].copy_from_slice(&v);
-                r += 4;
-            }
-            let left = rows - r;
-            if left > 0 {
-                // SAFETY: rows r..r+left exist.
-                let v = unsafe {
-                    const_count!(left, $rows_fn(wp.add(r * cols), cols, x), 1 | 2 => 3)
-                };
-                out[r..].copy_from_slice(&v[..left]);
-            }
+            // Inlined, so that the rows kernels inline here (a closure has no target features).
+            gemv_groups(
+                out,
+                #[inline(always)]
+                |r, k| {
+                    // SAFETY: rows r..r+k exist (w.len() == rows · cols checked).
+                    unsafe { const_count!(k, $rows_fn(wp.add(r * cols), cols, x), 1 | 2 | 3 => 4) }
+                },
+            );
         }
     };
 }

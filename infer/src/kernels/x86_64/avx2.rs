@@ -11,10 +11,10 @@
 use std::arch::x86_64::*;
 
 use crate::kernels::{
-    check_dense, check_q8_gemv, check_quantize, check_tq1_gemm, check_tq1_gemv, check_tq2_gemm,
-    check_tq2_gemv, gemm_tiles, gemv_groups, q8_row_stride, scalar, QuantRow, TQ1_BLOCK_BYTES,
-    TQ1_BLOCK_COLS, TQ2_BLOCK_BYTES as BB, TQ2_BLOCK_COLS as BC,
+    check_dense, check_gemm, check_q8_gemv, check_quantize, check_tq1_gemv, check_tq2_gemv,
+    gemm_tiles, gemv_groups, q8_stride, scalar, ternary_gemv_groups, GemmShape, QuantRow, TQ1, TQ2,
 };
+use tern_format::{tq1, tq2};
 
 // ---- horizontal helpers ------------------------------------------------------------------
 
@@ -228,7 +228,7 @@ unsafe fn load_q(q: *const i8) -> [__m256i; 4] {
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn gemv_rows<const R: usize>(w: *const u8, nb: usize, q: *const i8) -> __m128i {
-    let rb = nb * BB;
+    let rb = nb * tq2::BLOCK_BYTES;
     let mut acc = [_mm256_setzero_si256(); 4];
     // The next group of rows (the 4·rb bytes after this one) is prefetched while this one
     // is computed, 128 bytes per block: short rows are too short for the hardware
@@ -243,10 +243,10 @@ unsafe fn gemv_rows<const R: usize>(w: *const u8, nb: usize, q: *const i8) -> __
             _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(b * 128) as *const i8);
             _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(b * 128 + 64) as *const i8);
             // SAFETY: b < nb, so the block's 128 activations are in bounds.
-            let qv = unsafe { load_q(q.add(b * BC)) };
+            let qv = unsafe { load_q(q.add(b * tq2::BLOCK_COLS)) };
             for (r, a) in acc16.iter_mut().enumerate().take(R) {
                 // SAFETY: r < R and b < nb: the block lies inside the R rows at `w`.
-                let codes = unsafe { unpack(w.add(r * rb + b * BB)) };
+                let codes = unsafe { unpack(w.add(r * rb + b * tq2::BLOCK_BYTES)) };
                 *a = block_dot16(*a, &codes, &qv);
             }
         }
@@ -265,9 +265,9 @@ unsafe fn gemv_rows<const R: usize>(w: *const u8, nb: usize, q: *const i8) -> __
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn tq2_gemv(w: &[u8], nb: usize, q: &[i8], q_sum: i32, out: &mut [i32]) {
     check_tq2_gemv(w, nb, q, out);
-    let rb = nb * BB;
+    let rb = nb * tq2::BLOCK_BYTES;
     let (wp, qp) = (w.as_ptr(), q.as_ptr());
-    gemv_groups(out, q_sum, |r, k| {
+    ternary_gemv_groups(out, q_sum, |r, k| {
         // SAFETY: rows r..r+k exist (w.len() == rows · rb checked), q has nb · 128 bytes.
         let v = unsafe {
             let wr = wp.add(r * rb);
@@ -278,14 +278,13 @@ pub(crate) unsafe fn tq2_gemv(w: &[u8], nb: usize, q: &[i8], q_sum: i32, out: &m
 }
 
 /// `Σ code·q` of one row (`nb` blocks at `w`) with `T ≤ 8` activation rows starting at `q`
-/// (stride `nb · 128`): each block is unpacked once and used for all `T` tokens.
+/// (stride `qs`): each block is unpacked once and used for all `T` tokens.
 ///
 /// # Safety
-/// `w` readable for `nb · 32` bytes, `q` for `T · nb · 128`; AVX2 available.
+/// `w` readable for `nb · 32` bytes, `q` for `(T − 1) · qs + nb · 128`; AVX2 available.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn gemm_tile<const T: usize>(w: *const u8, nb: usize, q: *const i8) -> [i32; 8] {
-    let qs = nb * BC;
+unsafe fn gemm_tile<const T: usize>(w: *const u8, nb: usize, q: *const i8, qs: usize) -> [i32; 8] {
     let mut acc = [_mm256_setzero_si256(); 8];
     let mut b0 = 0;
     while b0 < nb {
@@ -293,10 +292,10 @@ unsafe fn gemm_tile<const T: usize>(w: *const u8, nb: usize, q: *const i8) -> [i
         let mut acc16 = [_mm256_setzero_si256(); 8];
         for b in b0..b1 {
             // SAFETY: b < nb: the block is inside the row.
-            let codes = unsafe { unpack(w.add(b * BB)) };
+            let codes = unsafe { unpack(w.add(b * tq2::BLOCK_BYTES)) };
             for (t, a) in acc16.iter_mut().enumerate().take(T) {
                 // SAFETY: t < T and b < nb: inside activation row t.
-                let qv = unsafe { load_q(q.add(t * qs + b * BC)) };
+                let qv = unsafe { load_q(q.add(t * qs + b * tq2::BLOCK_COLS)) };
                 *a = block_dot16(*a, &codes, &qv);
             }
         }
@@ -336,32 +335,18 @@ fn tq2_gemm_tokens(row_len: usize) -> usize {
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn tq2_gemm(
-    w: &[u8],
-    nb: usize,
-    rows: usize,
-    q: &[i8],
-    q_sums: &[i32],
-    n: usize,
-    out: &mut [i32],
-) {
-    check_tq2_gemm(w, nb, rows, q, q_sums, n, out);
-    let (rb, qs) = (nb * BB, nb * BC);
-    gemm_tiles(
-        rb,
-        rows,
-        n,
-        tq2_gemm_tokens(qs),
-        q_sums,
-        out,
-        |r, t0, tn| {
-            // SAFETY: row r < rows and tokens t0..t0+tn < n exist (lengths checked above).
-            unsafe {
-                let (wr, qt) = (w.as_ptr().add(r * rb), q.as_ptr().add(t0 * qs));
-                const_count!(tn, gemm_tile(wr, nb, qt), 1 | 2 | 3 | 4 | 5 | 6 | 7 => GEMM_TOKENS)
-            }
-        },
-    );
+pub(crate) unsafe fn tq2_gemm(w: &[u8], sh: GemmShape, q: &[i8], q_sums: &[i32], out: &mut [i32]) {
+    check_gemm(TQ2, w, sh, q, q_sums, out);
+    let (nb, qs) = (sh.blocks, sh.q_stride);
+    let rb = nb * tq2::BLOCK_BYTES;
+    let tile = tq2_gemm_tokens(nb * tq2::BLOCK_COLS);
+    gemm_tiles(rb, sh.rows, sh.tokens, tile, q_sums, out, |r, t0, tn| {
+        // SAFETY: row r < rows and tokens t0..t0+tn < tokens exist (lengths checked above).
+        unsafe {
+            let (wr, qt) = (w.as_ptr().add(r * rb), q.as_ptr().add(t0 * qs));
+            const_count!(tn, gemm_tile(wr, nb, qt, qs), 1 | 2 | 3 | 4 | 5 | 6 | 7 => GEMM_TOKENS)
+        }
+    });
 }
 
 // ---- dense GEMV --------------------------------------------------------------------------
@@ -470,23 +455,16 @@ macro_rules! dense_gemv {
         #[target_feature(enable = "avx2,fma,f16c")]
         pub(crate) unsafe fn $name(w: &[$t], cols: usize, x: &[f32], out: &mut [f32]) {
             check_dense(w.len(), cols, x, out);
-            let rows = out.len();
             let wp = w.as_ptr();
-            let mut r = 0;
-            while r + 4 <= rows {
-                // SAFETY: rows r..r+4 exist (w.len() == rows · cols checked).
-                let v = unsafe { $rows_fn::<4>(wp.add(r * cols), cols, x) };
-                out[r..r + 4].copy_from_slice(&v);
-                r += 4;
-            }
-            let left = rows - r;
-            if left > 0 {
-                // SAFETY: rows r..r+left exist.
-                let v = unsafe {
-                    const_count!(left, $rows_fn(wp.add(r * cols), cols, x), 1 | 2 => 3)
-                };
-                out[r..].copy_from_slice(&v[..left]);
-            }
+            // Inlined, so that the rows kernels inline here (a closure has no target features).
+            gemv_groups(
+                out,
+                #[inline(always)]
+                |r, k| {
+                    // SAFETY: rows r..r+k exist (w.len() == rows · cols checked).
+                    unsafe { const_count!(k, $rows_fn(wp.add(r * cols), cols, x), 1 | 2 | 3 => 4) }
+                },
+            );
         }
     };
 }
@@ -656,7 +634,7 @@ unsafe fn tq1_block_dot16(acc16: __m256i, w: *const u8, q: *const i8, k: Tq1Cons
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn tq1_rows<const R: usize>(w: *const u8, nb: usize, q: *const i8) -> __m128i {
-    let rb = nb * TQ1_BLOCK_BYTES;
+    let rb = nb * tq1::BLOCK_BYTES;
     let k = Tq1Consts::new();
     let mut acc = [_mm256_setzero_si256(); 4];
     let pf = w.wrapping_add(4 * rb); // the next row group, as in `gemv_rows`
@@ -667,11 +645,11 @@ unsafe fn tq1_rows<const R: usize>(w: *const u8, nb: usize, q: *const i8) -> __m
         for b in b0..b1 {
             _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(b * 128) as *const i8);
             _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(b * 128 + 64) as *const i8);
-            let qb = q.wrapping_add(b * TQ1_BLOCK_COLS);
+            let qb = q.wrapping_add(b * tq1::BLOCK_COLS);
             for (r, a) in acc16.iter_mut().enumerate().take(R) {
                 // SAFETY: r < R and b < nb: the block lies inside the R rows at `w`, and
                 // its 160 activations inside `q`.
-                *a = unsafe { tq1_block_dot16(*a, w.add(r * rb + b * TQ1_BLOCK_BYTES), qb, k) };
+                *a = unsafe { tq1_block_dot16(*a, w.add(r * rb + b * tq1::BLOCK_BYTES), qb, k) };
             }
         }
         for (a, a16) in acc.iter_mut().zip(acc16).take(R) {
@@ -689,9 +667,9 @@ unsafe fn tq1_rows<const R: usize>(w: *const u8, nb: usize, q: *const i8) -> __m
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn tq1_gemv(w: &[u8], nb: usize, q: &[i8], q_sum: i32, out: &mut [i32]) {
     check_tq1_gemv(w, nb, q, out);
-    let rb = nb * TQ1_BLOCK_BYTES;
+    let rb = nb * tq1::BLOCK_BYTES;
     let (wp, qp) = (w.as_ptr(), q.as_ptr());
-    gemv_groups(out, q_sum, |r, k| {
+    ternary_gemv_groups(out, q_sum, |r, k| {
         // SAFETY: rows r..r+k exist (w.len() == rows · rb checked), q has nb · 160 bytes.
         let v = unsafe {
             let wr = wp.add(r * rb);
@@ -722,9 +700,9 @@ unsafe fn tq1_gemm_tile<const T: usize>(
         let mut acc16 = [_mm256_setzero_si256(); 8];
         for b in b0..b1 {
             // SAFETY: b < nb: the block is inside the row.
-            let d = unsafe { unpack_tq1(w.add(b * TQ1_BLOCK_BYTES), k) };
+            let d = unsafe { unpack_tq1(w.add(b * tq1::BLOCK_BYTES), k) };
             for (t, a) in acc16.iter_mut().enumerate().take(T) {
-                let qb = q.wrapping_add(t * qs + b * TQ1_BLOCK_COLS);
+                let qb = q.wrapping_add(t * qs + b * tq1::BLOCK_COLS);
                 // SAFETY: t < T and b < nb: the block's 160 activations of token t.
                 let qv = |i: usize| unsafe { _mm256_loadu_si256(qb.add(32 * i) as *const __m256i) };
                 let p01 = _mm256_add_epi16(
@@ -759,25 +737,16 @@ unsafe fn tq1_gemm_tile<const T: usize>(
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn tq1_gemm(
-    w: &[u8],
-    nb: usize,
-    rows: usize,
-    q: &[i8],
-    q_stride: usize,
-    q_sums: &[i32],
-    n: usize,
-    out: &mut [i32],
-) {
-    check_tq1_gemm(w, nb, rows, q, q_stride, q_sums, n, out);
-    let rb = nb * TQ1_BLOCK_BYTES;
-    gemm_tiles(rb, rows, n, 8, q_sums, out, |r, t0, tn| {
-        // SAFETY: row r < rows and tokens t0..t0+tn < n exist (lengths checked above).
+pub(crate) unsafe fn tq1_gemm(w: &[u8], sh: GemmShape, q: &[i8], q_sums: &[i32], out: &mut [i32]) {
+    check_gemm(TQ1, w, sh, q, q_sums, out);
+    let (nb, qs) = (sh.blocks, sh.q_stride);
+    let rb = nb * tq1::BLOCK_BYTES;
+    gemm_tiles(rb, sh.rows, sh.tokens, 8, q_sums, out, |r, t0, tn| {
+        // SAFETY: row r < rows and tokens t0..t0+tn < tokens exist (lengths checked above).
         unsafe {
-            let (wr, qt) = (w.as_ptr().add(r * rb), q.as_ptr().add(t0 * q_stride));
-            const_count!(tn, tq1_gemm_tile(wr, nb, qt, q_stride), 1 | 2 | 3 | 4 | 5 | 6 | 7 => 8)
+            let (wr, qt) = (w.as_ptr().add(r * rb), q.as_ptr().add(t0 * qs));
+            const_count!(tn, tq1_gemm_tile(wr, nb, qt, qs), 1 | 2 | 3 | 4 | 5 | 6 | 7 => 8)
         }
     });
 }
@@ -804,7 +773,7 @@ unsafe fn load8_i8(p: *const u8) -> __m256 {
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn q8_gemv(w: &[u8], cols: usize, x: &[f32], out: &mut [f32]) {
     check_q8_gemv(w, cols, x, out);
-    let stride = q8_row_stride(cols);
+    let stride = q8_stride(cols);
     let xp = x.as_ptr();
     for (o, rec) in out.iter_mut().zip(w.chunks_exact(stride)) {
         let scale = f32::from_le_bytes([rec[0], rec[1], rec[2], rec[3]]);

@@ -19,9 +19,10 @@ macro_rules! avx512_kernels {
         use std::arch::x86_64::*;
 
         use crate::kernels::{
-            check_tq2_gemm, check_tq2_gemv, gemm_tiles, gemv_groups, TQ2_BLOCK_BYTES as BB,
-            TQ2_BLOCK_COLS as BC,
+            check_gemm, check_tq2_gemv, gemm_tiles, ternary_gemv_groups, GemmShape, TQ2,
+
         };
+        use tern_format::tq2;
 
         /// Adds the two 256-bit halves of `v`.
         #[inline]
@@ -89,7 +90,7 @@ macro_rules! avx512_kernels {
         #[inline]
         #[target_feature(enable = $features)]
         unsafe fn gemv_rows<const R: usize>(w: *const u8, nb: usize, q: *const i8) -> __m128i {
-            let rb = nb * BB;
+            let rb = nb * tq2::BLOCK_BYTES;
             let mut acc = [_mm512_setzero_si512(); 4];
             // Prefetch the next group of rows (the 4·rb bytes after these), 128 bytes per
             // block, as in the AVX2 kernel. Prefetches never fault: `wrapping_add`.
@@ -98,10 +99,10 @@ macro_rules! avx512_kernels {
                 _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(b * 128) as *const i8);
                 _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(b * 128 + 64) as *const i8);
                 // SAFETY: b < nb: the block's activations are in bounds.
-                let (qa, qb) = unsafe { load_q(q.add(b * BC)) };
+                let (qa, qb) = unsafe { load_q(q.add(b * tq2::BLOCK_COLS)) };
                 for (r, a) in acc.iter_mut().enumerate().take(R) {
                     // SAFETY: r < R, b < nb: the block lies inside the R rows at `w`.
-                    let (c01, c23) = unsafe { unpack(w.add(r * rb + b * BB)) };
+                    let (c01, c23) = unsafe { unpack(w.add(r * rb + b * tq2::BLOCK_BYTES)) };
                     *a = $dot(*a, c01, qa, c23, qb);
                 }
             }
@@ -115,9 +116,9 @@ macro_rules! avx512_kernels {
         #[target_feature(enable = $features)]
         pub(crate) unsafe fn tq2_gemv(w: &[u8], nb: usize, q: &[i8], q_sum: i32, out: &mut [i32]) {
             check_tq2_gemv(w, nb, q, out);
-            let rb = nb * BB;
+            let rb = nb * tq2::BLOCK_BYTES;
             let (wp, qp) = (w.as_ptr(), q.as_ptr());
-            gemv_groups(out, q_sum, |r, k| {
+            ternary_gemv_groups(out, q_sum, |r, k| {
                 // SAFETY: rows r..r+k exist (w.len() == rows · rb), q has nb · 128 bytes.
                 let v = unsafe {
                     let wr = wp.add(r * rb);
@@ -131,21 +132,26 @@ macro_rules! avx512_kernels {
         }
 
         /// `Σ code·q` of one row (`nb` blocks at `w`) with `T ≤ 8` activation rows at `q`
-        /// (stride `nb · 128`), each unpacked block reused for all `T` tokens.
+        /// (stride `qs`), each unpacked block reused for all `T` tokens.
         ///
         /// # Safety
-        /// `w` readable for `nb · 32` bytes, `q` for `T · nb · 128`; features available.
+        /// `w` readable for `nb · 32` bytes, `q` for `(T − 1) · qs + nb · 128`; features
+        /// available.
         #[inline]
         #[target_feature(enable = $features)]
-        unsafe fn gemm_tile<const T: usize>(w: *const u8, nb: usize, q: *const i8) -> [i32; 8] {
-            let qs = nb * BC;
+        unsafe fn gemm_tile<const T: usize>(
+            w: *const u8,
+            nb: usize,
+            q: *const i8,
+            qs: usize,
+        ) -> [i32; 8] {
             let mut acc = [_mm512_setzero_si512(); 8];
             for b in 0..nb {
                 // SAFETY: b < nb: the block is inside the row.
-                let (c01, c23) = unsafe { unpack(w.add(b * BB)) };
+                let (c01, c23) = unsafe { unpack(w.add(b * tq2::BLOCK_BYTES)) };
                 for (t, a) in acc.iter_mut().enumerate().take(T) {
                     // SAFETY: t < T, b < nb: inside activation row t.
-                    let (qa, qb) = unsafe { load_q(q.add(t * qs + b * BC)) };
+                    let (qa, qb) = unsafe { load_q(q.add(t * qs + b * tq2::BLOCK_COLS)) };
                     *a = $dot(*a, c01, qa, c23, qb);
                 }
             }
@@ -171,20 +177,19 @@ macro_rules! avx512_kernels {
         #[target_feature(enable = $features)]
         pub(crate) unsafe fn tq2_gemm(
             w: &[u8],
-            nb: usize,
-            rows: usize,
+            sh: GemmShape,
             q: &[i8],
             q_sums: &[i32],
-            n: usize,
             out: &mut [i32],
         ) {
-            check_tq2_gemm(w, nb, rows, q, q_sums, n, out);
-            let (rb, qs) = (nb * BB, nb * BC);
-            gemm_tiles(rb, rows, n, GEMM_TOKENS, q_sums, out, |r, t0, tn| {
-                // SAFETY: row r < rows and tokens t0..t0+tn < n exist (lengths checked).
+            check_gemm(TQ2, w, sh, q, q_sums, out);
+            let (nb, qs) = (sh.blocks, sh.q_stride);
+            let rb = nb * tq2::BLOCK_BYTES;
+            gemm_tiles(rb, sh.rows, sh.tokens, GEMM_TOKENS, q_sums, out, |r, t0, tn| {
+                // SAFETY: row r < rows and tokens t0..t0+tn < tokens exist (lengths checked).
                 unsafe {
                     let (wr, qt) = (w.as_ptr().add(r * rb), q.as_ptr().add(t0 * qs));
-                    const_count!(tn, gemm_tile(wr, nb, qt), 1 | 2 | 3 | 4 | 5 | 6 | 7 => GEMM_TOKENS)
+                    const_count!(tn, gemm_tile(wr, nb, qt, qs), 1 | 2 | 3 | 4 | 5 | 6 | 7 => GEMM_TOKENS)
                 }
             });
         }
@@ -196,7 +201,7 @@ macro_rules! avx512_kernels {
 pub(crate) mod plain {
     avx512_kernels!("avx512f,avx512bw,avx2,fma,f16c", dot);
 
-    use crate::kernels::{check_dense, check_quantize, scalar, QuantRow};
+    use crate::kernels::{check_dense, check_quantize, gemv_groups, scalar, QuantRow};
 
     /// `acc + Σ c01·qa + Σ c23·qb` in i32 lanes via `vpmaddubsw` + `vpmaddwd`
     /// (|each i16 pair sum| ≤ 512, their sum ≤ 1024: no saturation).
@@ -386,23 +391,16 @@ pub(crate) mod plain {
             #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
             pub(crate) unsafe fn $name(w: &[$t], cols: usize, x: &[f32], out: &mut [f32]) {
                 check_dense(w.len(), cols, x, out);
-                let rows = out.len();
                 let wp = w.as_ptr();
-                let mut r = 0;
-                while r + 4 <= rows {
-                    // SAFETY: rows r..r+4 exist (w.len() == rows · cols checked).
-                    let v = unsafe { $rows_fn::<4>(wp.add(r * cols), cols, x) };
-                    out[r..r + 4].copy_from_slice(&v);
-                    r += 4;
-                }
-                let left = rows - r;
-                if left > 0 {
-                    // SAFETY: rows r..r+left exist.
-                    let v = unsafe {
-                        const_count!(left, $rows_fn(wp.add(r * cols), cols, x), 1 | 2 => 3)
-                    };
-                    out[r..].copy_from_slice(&v[..left]);
-                }
+                // Inlined, so that the rows kernels inline here (a closure has no target features).
+                gemv_groups(
+                    out,
+                    #[inline(always)]
+                    |r, k| {
+                        // SAFETY: rows r..r+k exist (w.len() == rows · cols checked).
+                        unsafe { const_count!(k, $rows_fn(wp.add(r * cols), cols, x), 1 | 2 | 3 => 4) }
+                    },
+                );
             }
         };
     }
