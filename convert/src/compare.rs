@@ -17,6 +17,9 @@ use crate::source::{Checkpoint, SourceTensor};
 use crate::ternary::{implausible_scale, to_f32};
 use crate::{Declared, Overrides};
 
+/// Mismatches listed per tensor (counts are always complete); at most 20 in all.
+const MISMATCHES_PER_TENSOR: usize = 5;
+
 /// One difference between the file and the source.
 #[derive(Clone, Debug, Serialize)]
 pub struct Mismatch {
@@ -57,7 +60,7 @@ pub struct WeightComparison {
     /// decisions of the conversion that contradict the checkpoint's declarations (each
     /// naming the field).
     pub config_mismatches: Vec<String>,
-    /// The first mismatches (at most 20).
+    /// The first mismatches: at most 5 per tensor and 20 in all.
     pub first_mismatches: Vec<Mismatch>,
     /// Things that are exact but look wrong (a scale implausible for a trained model).
     pub warnings: Vec<String>,
@@ -237,6 +240,9 @@ fn compare_tensor(
     } else {
         compare_float(file, t, &data, src.dtype, &mut cmp);
     }
+    // A few per tensor, so that the report names every damaged tensor (two swapped
+    // projections: both), not twenty mismatches of the first.
+    cmp.first_mismatches.truncate(MISMATCHES_PER_TENSOR);
     Ok((cmp, seen))
 }
 
