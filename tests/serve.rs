@@ -188,6 +188,24 @@ impl Server {
         )
     }
 
+    /// Starts a streamed completion and returns its connection once the response has begun
+    /// (the rest is left unread: the client is slow or goes away).
+    fn open_stream(&self, body: &Value) -> TcpStream {
+        let body = body.to_string();
+        let mut s = self.connect();
+        write!(
+            s,
+            "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut head = [0u8; 64];
+        let n = s.read(&mut head).unwrap();
+        assert!(String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 200"));
+        s
+    }
+
     /// A streamed request: the `data:` payloads in order.
     fn events(&self, path: &str, body: &Value) -> Vec<String> {
         let (status, text) = self.request("POST", path, body.to_string().as_bytes());
@@ -407,18 +425,7 @@ fn long_prompts_prefilled_between_decode_steps_match_alone() {
         })
         .collect();
     // A stream that decodes for the whole test; the long prompts arrive once it has begun.
-    let body = request("Once upon a time", 50_000, true).to_string();
-    let mut s = server.connect();
-    write!(
-        s,
-        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut head = [0u8; 64];
-    let n = s.read(&mut head).unwrap();
-    assert!(String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 200"));
+    let s = server.open_stream(&request("Once upon a time", 50_000, true));
     std::thread::scope(|scope| {
         let handles: Vec<_> = prompts
             .iter()
@@ -507,21 +514,9 @@ fn a_dropped_stream_frees_its_slot_and_a_full_server_answers_429() {
             "50000",
         ],
     );
-    let body = json!({"prompt": "Once upon a time", "max_tokens": 100_000,
-                      "temperature": 0, "stream": true})
-    .to_string();
     // The one slot streams; a second request is refused at once.
-    let mut s = server.connect();
-    write!(
-        s,
-        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut first = [0u8; 256];
-    let n = s.read(&mut first).unwrap();
-    assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
+    let s = server.open_stream(&json!({"prompt": "Once upon a time", "max_tokens": 100_000,
+                                       "temperature": 0, "stream": true}));
     let (status, doc) = server.post("/v1/completions", &json!({"prompt": "Hi", "max_tokens": 2}));
     assert_eq!(status, 429, "{doc}");
     assert_eq!(doc["error"]["code"], "rate_limit_exceeded");
