@@ -15,19 +15,6 @@ fn reference() -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
-fn default_model(dir: &std::path::Path) -> std::path::PathBuf {
-    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/default/bitnet-tiny");
-    let out = dir.join("default.tern");
-    tern_ok(&[
-        "convert",
-        src.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "-q",
-    ]);
-    out
-}
-
 #[test]
 fn perplexity_matches_transformers_within_half_a_percent() {
     let dir = tempfile::tempdir().unwrap();

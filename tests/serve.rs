@@ -2,7 +2,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -16,19 +16,6 @@ use tern_infer::reference::NoProbe;
 use tern_infer::sampling::argmax;
 
 use crate::common::*;
-
-fn default_model(dir: &Path) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/default/bitnet-tiny");
-    let out = dir.join("default.tern");
-    tern_ok(&[
-        "convert",
-        src.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "-q",
-    ]);
-    out
-}
 
 /// Greedy decoding of `n` tokens after `prompt`, one sequence alone.
 fn alone(model: &Model, pool: &Pool, prompt: &[u32], n: usize) -> Vec<u32> {

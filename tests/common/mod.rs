@@ -200,3 +200,17 @@ pub fn rewrite(path: &Path, edit: impl FnOnce(&mut tern_format::Metadata, &mut V
     }
     w.finish().unwrap();
 }
+
+/// The shipped default model (fixtures/default/bitnet-tiny) converted into `dir`.
+pub fn default_model(dir: &Path) -> std::path::PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/default/bitnet-tiny");
+    let out = dir.join("default.tern");
+    tern_ok(&[
+        "convert",
+        src.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "-q",
+    ]);
+    out
+}
