@@ -1,10 +1,11 @@
 //! Aggregate decode speed of `Batch::decode_step` at several batch sizes, apart from any
 //! server, HTTP or prefill: what continuous batching can gain on this machine.
 //!
-//!     cargo run --release -p tern-infer --example batch_step -- MODEL.tern [THREADS] [STEPS]
+//!     cargo run --release -p tern-infer --example batch_step -- MODEL.tern [THREADS] [STEPS] [SIZES]
 //!
 //! Each batch size runs twice, alternating with batch 1 (the machine may be shared), after
-//! a 32-token prompt per sequence; the figure is sequences × steps / time.
+//! a 32-token prompt per sequence; the figure is sequences × steps / time. SIZES is a
+//! comma-separated list of batch sizes (default 2,4,8).
 
 use std::time::Instant;
 
@@ -19,9 +20,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let path = args
         .next()
-        .ok_or("usage: batch_step MODEL.tern [THREADS] [STEPS]")?;
+        .ok_or("usage: batch_step MODEL.tern [THREADS] [STEPS] [SIZES]")?;
     let threads: usize = args.next().map_or(Ok(2), |a| a.parse())?;
     let steps: usize = args.next().map_or(Ok(16), |a| a.parse())?;
+    let sizes: Vec<usize> = match args.next() {
+        Some(a) => a.split(',').map(|n| n.parse()).collect::<Result<_, _>>()?,
+        None => vec![2, 4, 8],
+    };
     let file = TernFile::open(path)?;
     let model = Model::load(&file)?;
     let pool = Pool::new(threads);
@@ -49,7 +54,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "{} threads, {steps} steps after a 32-token prompt; tok/s summed over the batch",
         threads
     );
-    for n in [2, 4, 8] {
+    for n in sizes {
         for round in 0..2 {
             let one = run(1)?;
             let many = run(n)?;
