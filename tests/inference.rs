@@ -228,6 +228,11 @@ fn llama_biases_and_linear_rope_match_transformers() {
 }
 
 #[test]
+fn linears_kept_dense_by_modules_to_not_convert_match_transformers() {
+    run_fixture("llama-dense-linears");
+}
+
+#[test]
 fn prefill_then_decode_equals_one_forward() {
     let dir = tempfile::tempdir().unwrap();
     let path = convert("bitnet-2b4t-h128", dir.path());

@@ -106,8 +106,10 @@ pub struct Declared {
     /// None: no `quantization_config` (1bitLLM) — decided by the class.
     pub linear_class: LinearClass,
     pub sub_norms: SubNorms,
-    /// Module names (`model.layers.0.mlp.down_proj`) transformers leaves as float linears.
-    pub not_converted: Vec<String>,
+    /// `quantization_config.modules_to_not_convert` as written (None: absent, and
+    /// transformers then keeps only the head float). The block linears it matches are the
+    /// config's `dense_linears`.
+    pub not_converted: Option<Vec<String>>,
     /// The scale convention used for packed tensors (declared, or an override).
     pub convention: ScaleConvention,
     pub config: ModelConfig,
@@ -287,15 +289,15 @@ fn class_of(c: &Fields) -> Result<(ModelClass, String)> {
 fn linear_class_of(
     c: &Fields,
     class: ModelClass,
-) -> Result<(Option<LinearClass>, Vec<String>, String)> {
+) -> Result<(Option<LinearClass>, Option<Vec<String>>, String)> {
     let Some(q) = c.get("quantization_config") else {
         return Ok(match class {
             ModelClass::OneBitLlm => (
                 Some(LinearClass::OneBitLlm),
-                Vec::new(),
+                None,
                 "1bitLLM's BitnetForCausalLM quantizes its float weights at run time".into(),
             ),
-            _ => (None, Vec::new(), "no quantization_config".into()),
+            _ => (None, None, "no quantization_config".into()),
         });
     };
     let q = Fields {
@@ -341,7 +343,7 @@ fn linear_class_of(
         });
     }
     let not_converted = match q.get("modules_to_not_convert") {
-        None => Vec::new(),
+        None => None,
         Some(Value::Array(a)) => a
             .iter()
             .map(|v| {
@@ -353,7 +355,8 @@ fn linear_class_of(
                     )
                 })
             })
-            .collect::<Result<_>>()?,
+            .collect::<Result<_>>()
+            .map(Some)?,
         Some(v) => {
             return Err(q.wrong(
                 "quantization_config.modules_to_not_convert",
@@ -701,7 +704,7 @@ impl Declared {
         }
         .unwrap_or(!bos.is_empty());
 
-        let config = ModelConfig {
+        let mut config = ModelConfig {
             architecture: match class {
                 ModelClass::Llama => Architecture::Llama,
                 _ => Architecture::Bitnet,
@@ -727,7 +730,23 @@ impl Declared {
             bos_token_id: bos.first().copied(),
             eos_token_ids,
             add_bos_token,
+            dense_linears: Vec::new(),
         };
+        if let Some(patterns) = &not_converted {
+            config.dense_linears = dense_linears(&c, patterns, &config.linear_modules())?;
+            if !config.dense_linears.is_empty() {
+                let n = config.dense_linears.len();
+                let mut names = config.dense_linears[..n.min(3)].join(", ");
+                if n > 3 {
+                    names.push_str(&format!(" and {} more", n - 3));
+                }
+                decisions.push(Decision::new(
+                    "dense linears",
+                    &format!("{n} kept float, activations not quantized: {names}"),
+                    "quantization_config.modules_to_not_convert",
+                ));
+            }
+        }
         config.validate().map_err(|problem| ConvertError::Source {
             path: ck.dir.join("config.json"),
             problem,
@@ -762,17 +781,6 @@ impl Declared {
         shape: &[u64],
     ) -> Result<WeightRule> {
         let module = src.name.trim_end_matches(".weight");
-        if self
-            .not_converted
-            .iter()
-            .any(|m| m == module || m == &src.name)
-        {
-            return Err(ck.tensor_error(
-                src,
-                "listed in quantization_config.modules_to_not_convert: a float linear inside a \
-                 block, which tern does not support",
-            ));
-        }
         let scale_name = format!("{module}.weight_scale");
         let has_scale = ck.get(&scale_name).is_some();
         let (out, cols) = (shape[0], shape[1]);
@@ -861,7 +869,9 @@ impl Declared {
                 },
                 TensorRole::Bias => {
                     let scale = name.replace(".bias", ".weight_scale");
+                    let module = name.trim_end_matches(".bias");
                     let scaled = self.linear_class == LinearClass::AutoBitLinear { online: false }
+                        && !self.config.is_dense_linear(module)
                         && ck.get(&scale).is_some();
                     Origin::Bias {
                         src,
@@ -936,6 +946,64 @@ impl Declared {
     }
 }
 
+/// The block linears (of `modules`) that transformers leaves as plain float `nn.Linear`s
+/// given `modules_to_not_convert` = `patterns`, matched as its `should_convert_module` does
+/// (transformers 5.x): a pattern matches a module name when it matches as a regular
+/// expression from the start up to a module boundary ("model.layers.1" matches
+/// "model.layers.1.mlp.up_proj", not "model.layers.11.mlp.up_proj"; "model.layers.*.mlp"
+/// every MLP), or when the name ends with it ("down_proj"). A list that leaves the head out
+/// is refused: transformers then quantizes `lm_head` too (it adds the head itself only when
+/// the list is absent), which tern does not reproduce.
+fn dense_linears(c: &Fields, patterns: &[String], modules: &[String]) -> Result<Vec<String>> {
+    const FIELD: &str = "quantization_config.modules_to_not_convert";
+    let field_error = |problem: String| ConvertError::Field {
+        file: c.file.into(),
+        field: FIELD.into(),
+        problem,
+    };
+    let regexes = patterns
+        .iter()
+        .map(|p| {
+            fancy_regex::Regex::new(&format!(r"^(?:{p})(?:(?<=\.)|(?=\.|$))"))
+                .map(|re| (p, re))
+                .map_err(|e| {
+                    field_error(format!(
+                        "holds {p:?}, which is not a regular expression tern can match as \
+                         transformers does: {e}"
+                    ))
+                })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let matches = |module: &str| -> Result<bool> {
+        for (p, re) in &regexes {
+            let hit = module.ends_with(p.as_str())
+                || re.is_match(module).map_err(|e| {
+                    field_error(format!(
+                        "pattern {p:?} could not be matched against {module:?}: {e}"
+                    ))
+                })?;
+            if hit {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    };
+    if !matches("lm_head")? {
+        return Err(field_error(format!(
+            "is {patterns:?}, which does not name lm_head: transformers then quantizes the \
+             output head as well (it keeps the head float by itself only when the list is \
+             absent), and tern keeps the head dense"
+        )));
+    }
+    let mut dense = Vec::new();
+    for m in modules {
+        if matches(m)? {
+            dense.push(m.clone());
+        }
+    }
+    Ok(dense)
+}
+
 /// For a float checkpoint without a quantization_config: whether layer 0's q_proj holds
 /// ternary values with a few scales (SpectraSuite TriLM's `*_Unpacked` checkpoints store one
 /// scale per model-parallel slice), said in words.
@@ -970,8 +1038,11 @@ fn ternary_float_hint(ck: &Checkpoint) -> String {
 
 /// How many linears are stored which way, e.g. "210 packed U8".
 pub fn storage_summary(plan: &[Planned]) -> String {
-    let (mut packed, mut masters, mut floats) = (0, 0, 0);
+    let (mut packed, mut masters, mut floats, mut dense) = (0, 0, 0, 0);
     for p in plan {
+        if p.role == TensorRole::DenseLinear {
+            dense += 1;
+        }
         match &p.origin {
             Origin::Ternary {
                 rule: WeightRule::Packed { .. },
@@ -992,6 +1063,7 @@ pub fn storage_summary(plan: &[Planned]) -> String {
         (packed, "packed U8"),
         (masters, "float masters (absmean)"),
         (floats, "already-ternary floats"),
+        (dense, "dense floats (modules_to_not_convert)"),
     ]
     .iter()
     .filter(|(n, _)| *n > 0)

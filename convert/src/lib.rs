@@ -483,6 +483,16 @@ fn output_layout(
         ));
     }
     let float = matches!(src.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16);
+    if !float && p.role == TensorRole::DenseLinear {
+        return Err(ck.tensor_error(
+            src,
+            format!(
+                "dtype {:?}: quantization_config.modules_to_not_convert keeps this linear \
+                 float, so transformers loads it as a BF16, F16 or F32 weight",
+                src.dtype
+            ),
+        ));
+    }
     if !float && !matches!(p.origin, Origin::Ternary { .. }) {
         return Err(ck.tensor_error(
             src,

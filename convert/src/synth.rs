@@ -258,7 +258,10 @@ pub fn synth_tern_with(
                 writer.end_tensor()?;
                 done += (rows * stride) as u64;
             }
-            TensorRole::Norm | TensorRole::Bias | TensorRole::Embedding => {
+            TensorRole::Norm
+            | TensorRole::Bias
+            | TensorRole::Embedding
+            | TensorRole::DenseLinear => {
                 let n: u64 = shape.iter().product();
                 let norm = *role == TensorRole::Norm;
                 writer.begin_tensor(&spec.name, 1.0)?;
@@ -427,7 +430,7 @@ pub fn synth_hf(
                         _ if scale_tensor => 0.5 + 0.1 * noise.normal().abs(),
                         TensorRole::Norm => 1.0 + 0.1 * noise.normal(),
                         TensorRole::Embedding | TensorRole::Bias => 0.02 * noise.normal(),
-                        TensorRole::Ternary => noise.normal(),
+                        TensorRole::Ternary | TensorRole::DenseLinear => noise.normal(),
                     };
                     buf.extend_from_slice(&bf16::from_f32(v).to_le_bytes());
                 }

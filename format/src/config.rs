@@ -109,6 +109,11 @@ pub struct ModelConfig {
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     pub add_bos_token: bool,
+    /// Linears kept dense: float weights, activations not quantized, `y = W·x + bias`, as
+    /// transformers leaves the modules its `modules_to_not_convert` names. Module names
+    /// (`model.layers.0.mlp.down_proj`), in the order of [`expected_tensors`]. Format 1.3.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dense_linears: Vec<String>,
 }
 
 /// How the source checkpoint stored its per-tensor scales.
@@ -212,6 +217,7 @@ impl ModelConfig {
             bos_token_id: None,
             eos_token_ids: Vec::new(),
             add_bos_token: false,
+            dense_linears: Vec::new(),
         }
     }
 
@@ -290,17 +296,47 @@ impl ModelConfig {
                 ));
             }
         }
+        if !self.dense_linears.is_empty() {
+            let modules = self.linear_modules();
+            let mut at = 0; // names must be linears of this config, each once, in file order
+            for m in &self.dense_linears {
+                match modules[at..].iter().position(|x| x == m) {
+                    Some(k) => at += k + 1,
+                    None => {
+                        return Err(format!(
+                            "dense_linears names {m:?}, which is not a linear of this model \
+                             (or is listed twice or out of order)"
+                        ))
+                    }
+                }
+            }
+        }
         Ok(())
     }
 
-    /// The lowest format minor version that can hold this config (docs/format.md §8): 2 for
-    /// RoPE scaling or linear biases, else 0.
+    /// The lowest format minor version that can hold this config (docs/format.md §8): 3 for
+    /// dense linears, 2 for RoPE scaling or linear biases, else 0.
     pub fn since_minor(&self) -> u16 {
-        if self.rope_scaling.is_some() || self.attention_bias || self.mlp_bias {
+        if !self.dense_linears.is_empty() {
+            3
+        } else if self.rope_scaling.is_some() || self.attention_bias || self.mlp_bias {
             2
         } else {
             0
         }
+    }
+
+    /// The module names of every linear in the blocks (`model.layers.{l}.self_attn.q_proj`,
+    /// …), in file order.
+    pub fn linear_modules(&self) -> Vec<String> {
+        (0..self.num_hidden_layers)
+            .flat_map(|l| LINEAR_MODULES.map(|m| format!("model.layers.{l}.{m}")))
+            .collect()
+    }
+
+    /// Whether the linear `module` (`model.layers.0.mlp.down_proj`) is kept dense.
+    pub fn is_dense_linear(&self, module: &str) -> bool {
+        self.dense_linears.iter().any(|m| m == module)
     }
 
     /// RoPE inverse frequencies, `head_dim / 2` of them, computed in f32 in the order
@@ -363,6 +399,17 @@ fn positive_finite(name: &str, v: f64) -> Result<(), String> {
     }
 }
 
+/// The linears of one block, in file order (docs/format.md §5.1).
+pub const LINEAR_MODULES: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
 /// What kind of data a tensor of the model holds, which decides its allowed layouts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TensorRole {
@@ -372,6 +419,8 @@ pub enum TensorRole {
     Norm,
     /// A BitLinear weight: a ternary layout.
     Ternary,
+    /// A linear kept dense (`dense_linears`): a float layout.
+    DenseLinear,
     /// A BitLinear bias (`attention_bias`, `mlp_bias`): a float layout.
     Bias,
 }
@@ -380,7 +429,7 @@ impl TensorRole {
     pub fn allows(self, layout: Layout) -> bool {
         match self {
             TensorRole::Embedding => layout.is_float() || layout == Layout::Q8Row,
-            TensorRole::Norm | TensorRole::Bias => layout.is_float(),
+            TensorRole::Norm | TensorRole::Bias | TensorRole::DenseLinear => layout.is_float(),
             TensorRole::Ternary => layout.is_ternary(),
         }
     }
@@ -404,7 +453,11 @@ pub fn expected_tensors(c: &ModelConfig) -> Vec<(String, Vec<u64>, TensorRole)> 
                       rows: u64,
                       cols: u64,
                       bias: bool| {
-            out.push((format!("{p}.{name}.weight"), vec![rows, cols], Ternary));
+            let role = match c.is_dense_linear(&format!("{p}.{name}")) {
+                true => DenseLinear,
+                false => Ternary,
+            };
+            out.push((format!("{p}.{name}.weight"), vec![rows, cols], role));
             if bias {
                 out.push((format!("{p}.{name}.bias"), vec![rows], Bias));
             }

@@ -32,6 +32,8 @@ pub struct Summary {
     pub tensors: usize,
     /// The BitLinear weights (TQ2, TQ1).
     pub ternary: Group,
+    /// Linears kept dense (`dense_linears`: float weights).
+    pub dense_linears: Group,
     /// Embedding table and output head (floats or Q8_ROW).
     pub embeddings_and_head: Group,
     /// RMSNorm weights.
@@ -102,12 +104,16 @@ impl Report {
         let mut summary = Summary {
             tensors: file.tensors().len(),
             ternary: Group::default(),
+            dense_linears: Group::default(),
             embeddings_and_head: Group::default(),
             norms: Group::default(),
         };
+        let config = &file.metadata().config;
         for t in file.tensors() {
+            let module = t.name.strip_suffix(".weight").unwrap_or_default();
             let group = match t.layout {
                 Some(l) if l.is_ternary() => &mut summary.ternary,
+                _ if config.is_dense_linear(module) => &mut summary.dense_linears,
                 _ if t.shape.len() == 2 => &mut summary.embeddings_and_head,
                 _ => &mut summary.norms,
             };

@@ -22,7 +22,7 @@ mod writer;
 
 pub use config::{
     expected_tensors, Activation, Architecture, Decision, Metadata, ModelConfig, Provenance,
-    RopeScaling, RopeStyle, ScaleConvention, SourceFile, TensorRole,
+    RopeScaling, RopeStyle, ScaleConvention, SourceFile, TensorRole, LINEAR_MODULES,
 };
 pub use error::{Error, Problem, TensorProblem};
 pub use layout::Layout;
@@ -36,7 +36,7 @@ pub const MAJOR: u16 = 1;
 /// Newest minor version this crate knows (it writes the lowest minor a file's layouts and
 /// config need);
 /// files with a higher minor are accepted.
-pub const MINOR: u16 = 2;
+pub const MINOR: u16 = 3;
 /// Alignment of tensor data written by this crate.
 pub const ALIGNMENT: u32 = 64;
 /// Size of the fixed header.

@@ -211,7 +211,7 @@ pub fn parse(bytes: &[u8]) -> Result<Parsed, Problem> {
     metadata.config.validate().map_err(Problem::Config)?;
     if metadata.config.since_minor() > minor {
         return Err(Problem::Config(format!(
-            "the config uses RoPE scaling or linear biases, which need format 1.{}, but the file says 1.{minor}",
+            "the config uses RoPE scaling, linear biases or dense linears, which need format 1.{}, but the file says 1.{minor}",
             metadata.config.since_minor()
         )));
     }

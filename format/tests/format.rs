@@ -84,7 +84,7 @@ fn write_model_with(path: &Path, float: Layout, tern: Layout, embed: Option<Layo
             layout: match role {
                 TensorRole::Ternary => tern,
                 TensorRole::Embedding => embed.unwrap_or(float),
-                TensorRole::Norm | TensorRole::Bias => float,
+                TensorRole::Norm | TensorRole::Bias | TensorRole::DenseLinear => float,
             },
             shape,
         })
@@ -170,7 +170,9 @@ fn compact_layouts_round_trip_and_verify() {
             match role {
                 TensorRole::Ternary => assert_eq!(layout, Layout::Tq1),
                 TensorRole::Embedding => assert_eq!(layout, Layout::Q8Row),
-                TensorRole::Norm | TensorRole::Bias => assert_eq!(layout, Layout::Bf16),
+                TensorRole::Norm | TensorRole::Bias | TensorRole::DenseLinear => {
+                    assert_eq!(layout, Layout::Bf16)
+                }
             }
             assert_eq!(f.data(t), tensor_bytes(i, layout, shape).as_slice());
             if layout == Layout::Tq1 {
@@ -284,6 +286,109 @@ fn biases_and_rope_scaling_need_minor_2() {
             matches!(&p, Problem::Config(m) if m.contains("format 1.2")),
             "{p:?}"
         );
+    }
+}
+
+/// Writes `meta`'s model with `layout(role)` for each tensor; returns the file's bytes.
+fn written(meta: &Metadata, layout: impl Fn(TensorRole) -> Layout) -> Vec<u8> {
+    let specs: Vec<TensorSpec> = expected_tensors(&meta.config)
+        .into_iter()
+        .map(|(name, shape, role)| TensorSpec {
+            name,
+            layout: layout(role),
+            shape,
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.tern");
+    let mut w = Writer::create(&path, meta, b"{}", specs.clone()).unwrap();
+    for (i, s) in specs.iter().enumerate() {
+        let scale = if s.layout.is_ternary() { 0.5 } else { 1.0 };
+        w.write_tensor(&s.name, scale, &tensor_bytes(i, s.layout, &s.shape))
+            .unwrap();
+    }
+    w.finish().unwrap();
+    std::fs::read(&path).unwrap()
+}
+
+#[test]
+fn dense_linears_need_minor_3_and_a_float_layout() {
+    let mut meta = metadata(true);
+    meta.config.dense_linears = vec!["model.layers.0.mlp.down_proj".into()];
+    let roles: Vec<TensorRole> = expected_tensors(&meta.config)
+        .into_iter()
+        .map(|(_, _, r)| r)
+        .collect();
+    assert_eq!(
+        roles
+            .iter()
+            .filter(|r| **r == TensorRole::DenseLinear)
+            .count(),
+        1
+    );
+    assert_eq!(
+        roles.iter().filter(|r| **r == TensorRole::Ternary).count(),
+        6
+    );
+    let mut b = written(&meta, |role| match role {
+        TensorRole::Ternary => Layout::Tq2,
+        _ => Layout::Bf16,
+    });
+    let parsed = parse(&b).unwrap();
+    assert_eq!(parsed.minor, 3);
+    assert_eq!(parsed.metadata.config, meta.config);
+    let down = parsed
+        .tensors
+        .iter()
+        .find(|t| t.name == "model.layers.0.mlp.down_proj.weight")
+        .unwrap();
+    assert_eq!(down.layout, Some(Layout::Bf16));
+    // Claiming 1.2 is refused: a 1.2 reader would not know the linear is dense.
+    b[10..12].copy_from_slice(&2u16.to_le_bytes());
+    reseal(&mut b);
+    let p = problem(&b);
+    assert!(
+        matches!(&p, Problem::Config(m) if m.contains("format 1.3")),
+        "{p:?}"
+    );
+
+    // The dense linear stored ternary, or a ternary one stored float: refused by name.
+    let b = written(&meta, |role| match role {
+        TensorRole::Ternary | TensorRole::DenseLinear => Layout::Tq2,
+        _ => Layout::Bf16,
+    });
+    let p = problem(&b);
+    assert!(
+        matches!(&p, Problem::Tensor { name, problem: TensorProblem::LayoutNotAllowed(Layout::Tq2) }
+            if name == "model.layers.0.mlp.down_proj.weight"),
+        "{p:?}"
+    );
+    let b = written(&meta, |_| Layout::Bf16);
+    let p = problem(&b);
+    assert!(
+        matches!(&p, Problem::Tensor { name, problem: TensorProblem::LayoutNotAllowed(Layout::Bf16) }
+            if name == "model.layers.0.self_attn.q_proj.weight"),
+        "{p:?}"
+    );
+
+    // Names that are not linears of the model, twice, or out of file order.
+    for bad in [
+        vec!["model.layers.1.mlp.down_proj"],
+        vec!["model.layers.0.mlp"],
+        vec!["lm_head"],
+        vec![
+            "model.layers.0.mlp.down_proj",
+            "model.layers.0.mlp.down_proj",
+        ],
+        vec![
+            "model.layers.0.mlp.down_proj",
+            "model.layers.0.self_attn.q_proj",
+        ],
+    ] {
+        let mut c = meta.config.clone();
+        c.dense_linears = bad.iter().map(|s| s.to_string()).collect();
+        let e = c.validate().unwrap_err();
+        assert!(e.contains("dense_linears"), "{bad:?}: {e}");
     }
 }
 

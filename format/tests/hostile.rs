@@ -58,7 +58,7 @@ fn write(
             layout: match role {
                 TensorRole::Ternary => Layout::Tq2,
                 TensorRole::Embedding => embed,
-                TensorRole::Norm | TensorRole::Bias => float,
+                TensorRole::Norm | TensorRole::Bias | TensorRole::DenseLinear => float,
             },
             shape,
         })

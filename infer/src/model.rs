@@ -132,18 +132,50 @@ impl DenseMatrix<'_> {
     }
 }
 
+/// A linear kept dense (the config's `dense_linears`, transformers' `modules_to_not_convert`):
+/// `y = W·x + bias` in f32 on the unquantized activations.
+pub struct DenseLinear<'a> {
+    pub name: String,
+    pub matrix: DenseMatrix<'a>,
+    pub bias: Option<Vec<f32>>,
+}
+
+/// One linear of a block: ternary (BitLinear), or kept dense.
+pub enum Linear<'a> {
+    Ternary(Ternary<'a>),
+    Dense(DenseLinear<'a>),
+}
+
+impl Linear<'_> {
+    /// Output features.
+    pub fn rows(&self) -> usize {
+        match self {
+            Linear::Ternary(t) => t.rows,
+            Linear::Dense(d) => d.matrix.rows,
+        }
+    }
+
+    /// Bytes of weights one token reads.
+    pub fn weight_bytes(&self) -> usize {
+        match self {
+            Linear::Ternary(t) => t.data.len(),
+            Linear::Dense(d) => d.matrix.rows * d.matrix.row_bytes(),
+        }
+    }
+}
+
 pub struct Layer<'a> {
     pub input_norm: Vec<f32>,
-    pub q: Ternary<'a>,
-    pub k: Ternary<'a>,
-    pub v: Ternary<'a>,
+    pub q: Linear<'a>,
+    pub k: Linear<'a>,
+    pub v: Linear<'a>,
     pub attn_sub_norm: Option<Vec<f32>>,
-    pub o: Ternary<'a>,
+    pub o: Linear<'a>,
     pub post_attn_norm: Vec<f32>,
-    pub gate: Ternary<'a>,
-    pub up: Ternary<'a>,
+    pub gate: Linear<'a>,
+    pub up: Linear<'a>,
     pub ffn_sub_norm: Option<Vec<f32>>,
-    pub down: Ternary<'a>,
+    pub down: Linear<'a>,
 }
 
 /// A model ready to run. Ternary and dense weights are views into the mapping; only the
@@ -201,13 +233,26 @@ fn dense<'a>(file: &'a TernFile, t: &TensorInfo) -> Result<DenseMatrix<'a>, Infe
     })
 }
 
-/// The ternary matrix `{module}.weight` and, when the config says so, its `{module}.bias`.
-fn linear<'a>(file: &'a TernFile, module: &str, bias: bool) -> Result<Ternary<'a>, InferError> {
-    let mut w = ternary(file, file.require(&format!("{module}.weight"))?)?;
-    if bias {
-        w.bias = Some(norm_vector(file, file.require(&format!("{module}.bias"))?)?);
-    }
-    Ok(w)
+/// The matrix `{module}.weight` (ternary, or dense when the config keeps it so) and, when
+/// the config says so, its `{module}.bias`.
+fn linear<'a>(file: &'a TernFile, module: &str, bias: bool) -> Result<Linear<'a>, InferError> {
+    let weight = file.require(&format!("{module}.weight"))?;
+    let bias = match bias {
+        true => Some(norm_vector(file, file.require(&format!("{module}.bias"))?)?),
+        false => None,
+    };
+    Ok(if file.metadata().config.is_dense_linear(module) {
+        Linear::Dense(DenseLinear {
+            name: weight.name.clone(),
+            matrix: dense(file, weight)?,
+            bias,
+        })
+    } else {
+        Linear::Ternary(Ternary {
+            bias,
+            ..ternary(file, weight)?
+        })
+    })
 }
 
 fn ternary<'a>(file: &'a TernFile, t: &TensorInfo) -> Result<Ternary<'a>, InferError> {
@@ -286,19 +331,19 @@ impl<'a> Model<'a> {
         })
     }
 
-    /// Bytes of weights read to decode one token (every ternary matrix, the head, norms).
+    /// Bytes of weights read to decode one token (every linear, the head).
     pub fn weight_bytes_per_token(&self) -> u64 {
-        let ternary: usize = self
+        let linears: usize = self
             .layers
             .iter()
             .map(|l| {
                 [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]
                     .iter()
-                    .map(|t| t.data.len())
+                    .map(|w| w.weight_bytes())
                     .sum::<usize>()
             })
             .sum();
-        (ternary + self.head.rows * self.head.row_bytes()) as u64
+        (linears + self.head.rows * self.head.row_bytes()) as u64
     }
 }
 
@@ -637,14 +682,64 @@ impl Quantized {
         }
     }
 
-    fn probe(&self, probe: &mut dyn Probe, layer: usize, site: Site, n: usize) {
-        probe.activations(layer, site, &self.codes[..n * self.stride], self.stride);
+    /// Quantizes the `n` rows of `src` that the linears of `group` read (for the first
+    /// ternary one's padding) and shows them to `probe`; a group of dense linears reads no
+    /// int8 activations, and any earlier quantization is forgotten.
+    pub(crate) fn prepare(
+        &mut self,
+        group: &[&Linear],
+        src: &[f32],
+        n: usize,
+        width: usize,
+        (probe, layer, site): (&mut dyn Probe, usize, Site),
+    ) {
+        let first = group.iter().find_map(|w| match w {
+            Linear::Ternary(t) => Some(t),
+            Linear::Dense(_) => None,
+        });
+        match first {
+            Some(t) => {
+                self.quantize(src, n, width, t.act_stride());
+                probe.activations(layer, site, &self.codes[..n * self.stride], self.stride);
+            }
+            None => self.stride = 0,
+        }
+    }
+
+    /// `out[t] = w · src[t]` for the `n` rows of `src` (`width` wide), after [`Self::prepare`].
+    pub(crate) fn linear(
+        &mut self,
+        pool: &Pool,
+        w: &Linear,
+        n: usize,
+        src: &[f32],
+        width: usize,
+        out: &mut [f32],
+    ) {
+        match w {
+            Linear::Ternary(t) => self.bitlinear(pool, t, n, src, width, out),
+            Linear::Dense(d) => {
+                let (rows, kernels) = (d.matrix.rows, self.kernels);
+                for t in 0..n {
+                    let x = &src[t * width..(t + 1) * width];
+                    let o = &mut out[t * rows..(t + 1) * rows];
+                    par_rows(pool, o, rows, 1, 16, |_, r, o| {
+                        d.matrix.gemv(&kernels, r, x, o)
+                    });
+                    if let Some(b) = &d.bias {
+                        for (o, b) in o.iter_mut().zip(b) {
+                            *o += b;
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// `out[t, r] = scale · (Σ trit · q) / s_t` for the `n` rows of `src` (`width` wide)
     /// quantized last. If the last quantization was padded for another layout (a file that
     /// mixes TQ2 and TQ1 in one group), `src` is quantized again: same values, new padding.
-    pub(crate) fn bitlinear(
+    fn bitlinear(
         &mut self,
         pool: &Pool,
         w: &Ternary,
@@ -804,11 +899,11 @@ impl Model<'_> {
             ..
         } = s;
         norm_rows(pool, xn, x, n, h, &layer.input_norm, eps);
-        quant.quantize(xn, n, h, layer.q.act_stride());
-        quant.probe(probe, l, Site::Attention, n);
-        quant.bitlinear(pool, &layer.q, n, xn, h, q);
-        quant.bitlinear(pool, &layer.k, n, xn, h, k);
-        quant.bitlinear(pool, &layer.v, n, xn, h, v);
+        let group = [&layer.q, &layer.k, &layer.v];
+        quant.prepare(&group, xn, n, h, (probe, l, Site::Attention));
+        quant.linear(pool, &layer.q, n, xn, h, q);
+        quant.linear(pool, &layer.k, n, xn, h, k);
+        quant.linear(pool, &layer.v, n, xn, h, v);
         for t in 0..n {
             let at = &angles[t * half..(t + 1) * half];
             for head in q[t * attn..(t + 1) * attn].chunks_exact_mut(d) {
@@ -834,9 +929,9 @@ impl Model<'_> {
                 }
             });
         }
-        quant.quantize(att_out, n, attn, layer.o.act_stride());
-        quant.probe(probe, l, Site::AttentionOutput, n);
-        quant.bitlinear(pool, &layer.o, n, att_out, attn, xn);
+        let site = (probe, l, Site::AttentionOutput);
+        quant.prepare(&[&layer.o], att_out, n, attn, site);
+        quant.linear(pool, &layer.o, n, att_out, attn, xn);
         add_residual(x, xn, n * h);
     }
 
@@ -866,10 +961,10 @@ impl Model<'_> {
             ..
         } = s;
         norm_rows(pool, xn, x, n, h, &layer.post_attn_norm, eps);
-        quant.quantize(xn, n, h, layer.gate.act_stride());
-        quant.probe(probe, l, Site::Mlp, n);
-        quant.bitlinear(pool, &layer.gate, n, xn, h, gate);
-        quant.bitlinear(pool, &layer.up, n, xn, h, up);
+        let group = [&layer.gate, &layer.up];
+        quant.prepare(&group, xn, n, h, (probe, l, Site::Mlp));
+        quant.linear(pool, &layer.gate, n, xn, h, gate);
+        quant.linear(pool, &layer.up, n, xn, h, up);
         par_rows(pool, gate, n, inter, 1, |_, ts, rows| {
             for (row, t) in rows.chunks_exact_mut(inter).zip(ts) {
                 for (g, u) in row.iter_mut().zip(&up[t * inter..(t + 1) * inter]) {
@@ -887,9 +982,8 @@ impl Model<'_> {
                 }
             }
         });
-        quant.quantize(gate, n, inter, layer.down.act_stride());
-        quant.probe(probe, l, Site::MlpOutput, n);
-        quant.bitlinear(pool, &layer.down, n, gate, inter, xn);
+        quant.prepare(&[&layer.down], gate, n, inter, (probe, l, Site::MlpOutput));
+        quant.linear(pool, &layer.down, n, gate, inter, xn);
         add_residual(x, xn, n * h);
     }
 

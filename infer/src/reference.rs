@@ -16,7 +16,7 @@ use std::sync::Mutex;
 use tern_format::{Activation, RopeStyle};
 
 use crate::kernels::exact;
-use crate::model::{DenseMatrix, Model, Ternary};
+use crate::model::{DenseLinear, DenseMatrix, Linear, Model, Ternary};
 use crate::pool::Pool;
 use crate::InferError;
 /// Where a BitLinear input is quantized to int8 inside a layer.
@@ -120,6 +120,52 @@ fn bitlinear(pool: &Pool, w: &Ternary, q: &[i8], s: &[f64]) -> Result<Vec<f64>, 
         .collect())
 }
 
+/// `y[t, r] = Σ_c w[r, c] · x[t, c] + bias[r]` in f64 for a linear kept dense (its input is
+/// not quantized). Returns `[n, rows]`.
+fn dense(pool: &Pool, w: &DenseLinear, x: &[f64]) -> Vec<f64> {
+    let m = &w.matrix;
+    let n = x.len() / m.cols;
+    let mut by_row = vec![0.0f64; m.rows * n];
+    par_rows(pool, &mut by_row, n, |r, out| {
+        let mut row = vec![0.0f32; m.cols];
+        m.row_f32(r, &mut row);
+        let bias = w.bias.as_ref().map_or(0.0, |b| f64::from(b[r]));
+        for (o, xt) in out.iter_mut().zip(x.chunks_exact(m.cols)) {
+            *o = row
+                .iter()
+                .zip(xt)
+                .map(|(&a, b)| f64::from(a) * b)
+                .sum::<f64>()
+                + bias;
+        }
+    });
+    (0..n * m.rows)
+        .map(|i| by_row[(i % m.rows) * n + i / m.rows])
+        .collect()
+}
+
+/// The int8 activations a group of linears reads from `x` (`[n, width]`): codes and scales,
+/// none when every linear of the group is dense.
+fn quantize_for(group: &[&Linear], x: &[f64], width: usize) -> (Vec<i8>, Vec<f64>) {
+    match group.iter().any(|w| matches!(w, Linear::Ternary(_))) {
+        true => quantize_rows(x, width),
+        false => (Vec::new(), Vec::new()),
+    }
+}
+
+/// One linear on `x` (`[n, width]`): ternary ones read `x`'s int8 activations `(q, s)`.
+fn linear(
+    pool: &Pool,
+    w: &Linear,
+    x: &[f64],
+    (q, s): &(Vec<i8>, Vec<f64>),
+) -> Result<Vec<f64>, InferError> {
+    match w {
+        Linear::Ternary(t) => bitlinear(pool, t, q, s),
+        Linear::Dense(d) => Ok(dense(pool, d, x)),
+    }
+}
+
 /// Quantizes each `width`-wide row of `x` (`[n, width]`): codes `[n, width]` and scales.
 fn quantize_rows(x: &[f64], width: usize) -> (Vec<i8>, Vec<f64>) {
     let mut codes = vec![0i8; x.len()];
@@ -190,10 +236,11 @@ pub fn layer(
     };
 
     // Attention: q, k, v from one quantization of the normed input.
-    let (qa, s) = quantize_rows(&norm_rows(&x, h, &w.input_norm), h);
-    let mut q = bitlinear(pool, &w.q, &qa, &s)?;
-    let mut k = bitlinear(pool, &w.k, &qa, &s)?;
-    let v = bitlinear(pool, &w.v, &qa, &s)?;
+    let normed = norm_rows(&x, h, &w.input_norm);
+    let qa = quantize_for(&[&w.q, &w.k, &w.v], &normed, h);
+    let mut q = linear(pool, &w.q, &normed, &qa)?;
+    let mut k = linear(pool, &w.k, &normed, &qa)?;
+    let v = linear(pool, &w.v, &normed, &qa)?;
     let mut att = vec![0.0f64; n * attn];
     let mut first = 0; // the sequence's first row
     for seq in xs {
@@ -237,14 +284,15 @@ pub fn layer(
         Some(sub) => norm_rows(&att, attn, sub),
         None => att,
     };
-    let (qo, s_o) = quantize_rows(&att, attn);
-    let o = bitlinear(pool, &w.o, &qo, &s_o)?;
+    let qo = quantize_for(&[&w.o], &att, attn);
+    let o = linear(pool, &w.o, &att, &qo)?;
     let x: Vec<f64> = x.iter().zip(&o).map(|(x, o)| x + o).collect();
 
     // MLP: act(gate) · up, sub-norm, then down.
-    let (qm, s_m) = quantize_rows(&norm_rows(&x, h, &w.post_attn_norm), h);
-    let gate = bitlinear(pool, &w.gate, &qm, &s_m)?;
-    let up = bitlinear(pool, &w.up, &qm, &s_m)?;
+    let normed = norm_rows(&x, h, &w.post_attn_norm);
+    let qm = quantize_for(&[&w.gate, &w.up], &normed, h);
+    let gate = linear(pool, &w.gate, &normed, &qm)?;
+    let up = linear(pool, &w.up, &normed, &qm)?;
     let hidden: Vec<f64> = gate
         .iter()
         .zip(&up)
@@ -260,8 +308,8 @@ pub fn layer(
         Some(sub) => norm_rows(&hidden, inter, sub),
         None => hidden,
     };
-    let (qd, s_d) = quantize_rows(&hidden, inter);
-    let down = bitlinear(pool, &w.down, &qd, &s_d)?;
+    let qd = quantize_for(&[&w.down], &hidden, inter);
+    let down = linear(pool, &w.down, &hidden, &qd)?;
     let out: Vec<f32> = x.iter().zip(&down).map(|(x, o)| (x + o) as f32).collect();
 
     let mut split = Vec::with_capacity(xs.len());
@@ -271,7 +319,7 @@ pub fn layer(
         split.push(a.to_vec());
         rest = b;
     }
-    Ok((split, [qa, qo, qm, qd]))
+    Ok((split, [qa.0, qo.0, qm.0, qd.0]))
 }
 
 /// The final RMSNorm of each `[hidden]` row, in f64, rounded to f32.

@@ -100,9 +100,13 @@ fn print_tensors(out: &mut impl Write, r: &Report, all: bool) -> Result<()> {
     writeln!(out, "tensors: {}", s.tensors)?;
     for (name, g) in [
         ("ternary", &s.ternary),
+        ("dense", &s.dense_linears),
         ("embed/head", &s.embeddings_and_head),
         ("norms", &s.norms),
     ] {
+        if name == "dense" && g.tensors == 0 {
+            continue; // only files with linears kept dense (modules_to_not_convert)
+        }
         writeln!(
             out,
             "  {name:<10} {:>4} tensors {:>12}  {} values, {:.3} bits/value",

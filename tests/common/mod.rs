@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// Every fixture checkpoint, by folder name.
-pub const FIXTURES: [&str; 13] = [
+pub const FIXTURES: [&str; 14] = [
     "bitnet-2b4t-h64",
     "bitnet-2b4t-h64-bf16",
     "bitnet-2b4t-h64-sharded",
@@ -20,6 +20,7 @@ pub const FIXTURES: [&str; 13] = [
     "llama-rope-llama3",
     "llama-ternary-f16",
     "llama-bias",
+    "llama-dense-linears",
 ];
 
 pub fn fixture(name: &str) -> PathBuf {

@@ -527,17 +527,111 @@ fn fields_of_the_wrong_type_and_bad_token_ids_are_errors() {
 }
 
 #[test]
-fn dense_linears_inside_blocks_are_refused_by_name() {
-    let mut q = quant(None, None);
+fn modules_to_not_convert_matches_as_transformers_does() {
+    // Expected sets computed with transformers 5.24's own should_convert_module over the 84
+    // linears of a 12-layer model (layer 1 must not match layer 11).
+    let modules = ModelConfig {
+        num_hidden_layers: 12,
+        ..ModelConfig::bitnet_b158()
+    }
+    .linear_modules();
+    let config = json!({});
+    let c = Fields {
+        json: &config,
+        file: "config.json",
+    };
+    let dense = |patterns: &[&str]| {
+        let p: Vec<String> = patterns.iter().map(|s| s.to_string()).collect();
+        dense_linears(&c, &p, &modules)
+    };
+    let names = |v: Vec<String>| v.join(" ");
+    let cases: [(&[&str], usize, &str); 8] = [
+        (
+            &["lm_head", "model.layers.0.mlp.down_proj"],
+            1,
+            "model.layers.0.mlp.down_proj",
+        ),
+        (
+            &["lm_head", "model.layers.1"],
+            7,
+            "model.layers.1.self_attn.q_proj",
+        ),
+        (
+            &["lm_head", "down_proj"],
+            12,
+            "model.layers.11.mlp.down_proj",
+        ),
+        (&["lm_head", "mlp.gate"], 0, ""),
+        (
+            &["lm_head", "model.layers.*.self_attn.o_proj"],
+            12,
+            "model.layers.7.self_attn.o_proj",
+        ),
+        (
+            &["lm_head", "model.layers.1.mlp"],
+            3,
+            "model.layers.1.mlp.up_proj",
+        ),
+        (&[".*"], 84, "model.layers.3.self_attn.k_proj"),
+        (&["lm_head"], 0, ""),
+    ];
+    for (patterns, n, one) in cases {
+        let d = dense(patterns).unwrap();
+        assert_eq!(d.len(), n, "{patterns:?}: {d:?}");
+        assert!(d.iter().any(|m| m == one) || n == 0, "{patterns:?}");
+        assert!(
+            !names(d).contains("model.layers.11.") || n >= 12,
+            "{patterns:?} matched layer 11"
+        );
+    }
+    // A list without the head: transformers would quantize lm_head. "lm_head.weight" does
+    // not match the module "lm_head" there either.
+    for patterns in [
+        &["model.layers.0.mlp.down_proj"][..],
+        &["lm_head.weight"],
+        &["lm_"],
+    ] {
+        let e = dense(patterns).unwrap_err().to_string();
+        assert!(
+            e.contains("modules_to_not_convert") && e.contains("lm_head"),
+            "{patterns:?}: {e}"
+        );
+    }
+    let e = dense(&["lm_head", "["]).unwrap_err().to_string();
+    assert!(
+        e.contains("modules_to_not_convert") && e.contains("\"[\""),
+        "{e}"
+    );
+}
+
+#[test]
+fn linears_not_converted_are_planned_dense() {
+    // Float masters (online): the listed linear is planned as a dense float tensor.
+    let mut q = quant(Some("autobitlinear"), Some("online"));
     q["modules_to_not_convert"] = json!(["lm_head", "model.layers.0.mlp.down_proj"]);
     let c = with(base_config("LlamaForCausalLM"), "quantization_config", q);
-    let err = read(&c, packed, &[], &Overrides::default())
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("modules_to_not_convert") && err.contains("down_proj"),
-        "{err}"
+    let dir = tempfile::tempdir().unwrap();
+    write_checkpoint(dir.path(), &c, float, &[], &[]);
+    let ck = Checkpoint::open(dir.path()).unwrap();
+    let d = Declared::read(&ck, &Overrides::default()).unwrap();
+    assert_eq!(d.config.dense_linears, ["model.layers.0.mlp.down_proj"]);
+    assert!(d.decisions.iter().any(
+        |x| x.axis == "dense linears" && x.from == "quantization_config.modules_to_not_convert"
+    ));
+    let plan = d.plan(&ck).unwrap();
+    let down = plan
+        .iter()
+        .find(|p| p.name == "model.layers.0.mlp.down_proj.weight")
+        .unwrap();
+    assert_eq!(down.role, TensorRole::DenseLinear);
+    assert!(matches!(down.origin, Origin::Float { .. }));
+    assert_eq!(
+        plan.iter()
+            .filter(|p| p.role == TensorRole::Ternary)
+            .count(),
+        6
     );
+    assert!(storage_summary(&plan).contains("1 dense"));
 }
 
 #[test]

@@ -333,6 +333,14 @@ pub fn export(
             if bitnet { "without" } else { "with" }
         )));
     }
+    if !c.dense_linears.is_empty() {
+        return Err(ConvertError::Unsupported(format!(
+            "{}: dense linears ({} kept float by modules_to_not_convert) are not exported to \
+             GGUF (the engines' BitNet graphs treat every linear as ternary)",
+            source.path().display(),
+            c.dense_linears.join(", ")
+        )));
+    }
     if c.attention_bias || c.mlp_bias || c.rope_scaling.is_some() {
         return Err(ConvertError::Unsupported(format!(
             "{}: linear biases and RoPE scaling are not exported to GGUF (the engines' BitNet \
@@ -347,7 +355,7 @@ pub fn export(
     for (name, shape, role) in expected_tensors(c) {
         let ty = match role {
             TensorRole::Ternary => options.ty.ggml(),
-            TensorRole::Norm | TensorRole::Bias => GgmlType::F32,
+            TensorRole::Norm | TensorRole::Bias | TensorRole::DenseLinear => GgmlType::F32,
             TensorRole::Embedding => match source.float_layout(&name)? {
                 Layout::Bf16 if options.exact_embeddings => GgmlType::BF16,
                 Layout::F32 if options.exact_embeddings => GgmlType::F32,

@@ -405,6 +405,7 @@ pub fn model_config(
             .get("tokenizer.ggml.add_bos_token")
             .and_then(Value::as_bool)
             .unwrap_or(bos_token_id.is_some()),
+        dense_linears: Vec::new(),
     };
     config.validate()?;
     Ok(config)
