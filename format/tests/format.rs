@@ -249,32 +249,15 @@ fn biases_and_rope_scaling_need_minor_2() {
         meta.config.attention_bias = bias;
         meta.config.mlp_bias = bias;
         meta.config.rope_scaling = scaling;
-        let specs: Vec<TensorSpec> = expected_tensors(&meta.config)
-            .into_iter()
-            .map(|(name, shape, role)| TensorSpec {
-                name,
-                layout: if role == TensorRole::Ternary {
-                    Layout::Tq2
-                } else {
-                    Layout::F32
-                },
-                shape,
-            })
-            .collect();
-        assert_eq!(
-            specs.iter().filter(|s| s.name.ends_with(".bias")).count(),
-            if bias { 7 } else { 0 }
-        );
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("m.tern");
-        let mut w = Writer::create(&path, &meta, b"{}", specs.clone()).unwrap();
-        for (i, s) in specs.iter().enumerate() {
-            let scale = if s.layout.is_ternary() { 0.5 } else { 1.0 };
-            w.write_tensor(&s.name, scale, &tensor_bytes(i, s.layout, &s.shape))
-                .unwrap();
-        }
-        w.finish().unwrap();
-        let mut b = std::fs::read(&path).unwrap();
+        let mut b = written(&meta, |role| match role {
+            TensorRole::Ternary => Layout::Tq2,
+            _ => Layout::F32,
+        });
+        let biases = expected_tensors(&meta.config)
+            .iter()
+            .filter(|(name, _, _)| name.ends_with(".bias"))
+            .count();
+        assert_eq!(biases, if bias { 7 } else { 0 });
         let parsed = parse(&b).unwrap();
         assert_eq!(parsed.minor, 2);
         assert_eq!(parsed.metadata.config, meta.config);
