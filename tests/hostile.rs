@@ -112,6 +112,12 @@ fn option_values_are_bounded_not_fatal() {
     fails(bench(&["-p", "0"]), "--prompt");
     fails(bench(&["-p", "5000"]), "4096 positions");
     fails(bench(&["-n", "18446744073709551615"]), "4096 positions");
+
+    // A context that comes from data: a --prompts line longer than the model's positions.
+    let long = dir.path().join("long.txt");
+    std::fs::write(&long, "word ".repeat(6000)).unwrap();
+    let args = ["verify", m, "--prompts", s(&long), "-q"].map(String::from);
+    fails(args.to_vec(), "4096 positions");
 }
 
 /// A checkpoint folder whose model.safetensors is `bytes` (config and tokenizer from the

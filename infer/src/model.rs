@@ -497,6 +497,9 @@ impl State {
         ctx: usize,
     ) -> Result<State, InferError> {
         let c = &model.config;
+        // Every caller bounds its own option with a better name for it; this is the
+        // backstop for contexts that come from data (verify's prompt files).
+        crate::limits::check_ctx(c, ctx.max(1), pool.threads(), "a context of")?;
         let (h, kv, attn, inter, vocab) = (
             c.hidden_size as usize,
             c.kv_dim() as usize,
