@@ -425,15 +425,16 @@ fn convert_verify_checks_the_file_it_wrote() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("m.tern");
     let src = fixture("bitnet-2b4t-h128");
-    tern_ok(&[
+    let said = tern_ok(&[
         "convert",
         src.to_str().unwrap(),
         "-o",
         out.to_str().unwrap(),
         "--verify",
-        "-q",
+        "--force",
     ]);
     assert!(out.exists());
+    assert!(said.contains("verified: FAITHFUL"), "{said}");
 }
 
 #[test]

@@ -137,7 +137,14 @@ pub fn run(args: Args) -> Result<ExitCode> {
             return Ok(ExitCode::from(1));
         }
     }
-    print_report(&args, &report)
+    let code = print_report(&args, &report)?;
+    if args.verify && !args.quiet && !args.json {
+        println!(
+            "verified: FAITHFUL (weights exact against the source, every layer within the \
+             limits against the reference forward)"
+        );
+    }
+    Ok(code)
 }
 
 /// `tern convert MODEL.gguf -o M.tern`.
