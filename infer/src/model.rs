@@ -147,14 +147,6 @@ pub enum Linear<'a> {
 }
 
 impl Linear<'_> {
-    /// Output features.
-    pub fn rows(&self) -> usize {
-        match self {
-            Linear::Ternary(t) => t.rows,
-            Linear::Dense(d) => d.matrix.rows,
-        }
-    }
-
     /// Bytes of weights one token reads.
     pub fn weight_bytes(&self) -> usize {
         match self {
