@@ -130,6 +130,33 @@ impl DenseMatrix<'_> {
             }
         }
     }
+
+    /// [`Self::gemv`] for `n` activation rows at once (`x` holds `n · cols`): token `t`'s
+    /// results go to `out[t · len..(t + 1) · len]`, `len = rows.len()`, bit for bit what
+    /// `gemv` gives. bf16 rows are read once for all tokens (`Kernels::bf16_gemm`); other
+    /// precisions run every token over groups of rows small enough to stay in L2.
+    pub(crate) fn gemm(
+        &self,
+        k: &Kernels,
+        rows: std::ops::Range<usize>,
+        x: &[f32],
+        n: usize,
+        out: &mut [f32],
+    ) {
+        const GROUP: usize = 32;
+        let (len, cols) = (rows.len(), self.cols);
+        if let Dense::Bf16(w) = &self.data {
+            return k.bf16_gemm(&w[rows.start * cols..rows.end * cols], cols, x, n, out);
+        }
+        for g in rows.clone().step_by(GROUP) {
+            let group = g..(g + GROUP).min(rows.end);
+            let at = group.start - rows.start;
+            for t in 0..n {
+                let out = &mut out[t * len + at..t * len + at + group.len()];
+                self.gemv(k, group.clone(), &x[t * cols..(t + 1) * cols], out);
+            }
+        }
+    }
 }
 
 pub struct Layer<'a> {
