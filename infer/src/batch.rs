@@ -6,8 +6,9 @@
 //! prefill it alone with [`Model::forward`], then hand it to [`Batch::decode_step`] along
 //! with the others. Sequences join and leave between steps (continuous batching). The
 //! numerics are those of `Model::forward` on one token: the same per-token quantization,
-//! exact integer products, the same attention and head, so a sequence's greedy output in a
-//! batch is token-identical to its output alone.
+//! exact integer products, the same attention and head (for each sequence, the head GEMM
+//! does exactly the GEMV's f32 operations), so a sequence's logits in a batch are bit for
+//! bit its logits alone.
 
 use crate::model::{Caches, Model, State, PREFILL_CHUNK};
 use crate::pool::Pool;
