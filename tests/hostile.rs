@@ -113,6 +113,9 @@ fn option_values_are_bounded_not_fatal() {
     fails(bench(&["-p", "5000"]), "4096 positions");
     fails(bench(&["-n", "18446744073709551615"]), "4096 positions");
 
+    let serve = ["serve", m, "--port", "0", "--ctx", "5000"].map(String::from);
+    fails(serve.to_vec(), "4096 positions");
+
     // A context that comes from data: a --prompts line longer than the model's positions.
     let long = dir.path().join("long.txt");
     std::fs::write(&long, "word ".repeat(6000)).unwrap();

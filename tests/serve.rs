@@ -17,8 +17,9 @@ use tern_infer::sampling::argmax;
 
 use crate::common::*;
 
-/// Greedy decoding of `n` tokens after `prompt`, one sequence alone.
-fn alone(model: &Model, pool: &Pool, prompt: &[u32], n: usize) -> Vec<u32> {
+/// Greedy decoding of `n` tokens after `prompt`, one sequence alone: each token with the
+/// bits of the logits it was chosen from.
+fn alone(model: &Model, pool: &Pool, prompt: &[u32], n: usize) -> Vec<(u32, Vec<u32>)> {
     let vocab = model.config.vocab_size as usize;
     let mut state = State::new(model, *Kernels::best(), pool, 128).unwrap();
     model
@@ -27,7 +28,7 @@ fn alone(model: &Model, pool: &Pool, prompt: &[u32], n: usize) -> Vec<u32> {
     let mut got = vec![];
     for _ in 0..n {
         let next = argmax(&state.logits[..vocab]) as u32;
-        got.push(next);
+        got.push((next, bits(&state.logits[..vocab])));
         model
             .forward(pool, &mut state, &[next], Logits::Last, &mut NoProbe)
             .unwrap();
@@ -35,8 +36,12 @@ fn alone(model: &Model, pool: &Pool, prompt: &[u32], n: usize) -> Vec<u32> {
     got
 }
 
+fn bits(logits: &[f32]) -> Vec<u32> {
+    logits.iter().map(|v| v.to_bits()).collect()
+}
+
 #[test]
-fn batched_decode_is_token_identical_to_decoding_alone() {
+fn batched_decode_is_bit_identical_to_decoding_alone() {
     let dir = tempfile::tempdir().unwrap();
     let path = default_model(dir.path());
     let file = TernFile::open(&path).unwrap();
@@ -57,14 +62,15 @@ fn batched_decode_is_token_identical_to_decoding_alone() {
             .iter()
             .map(|p| tokenizer.encode(p, true).unwrap())
             .collect();
-        let want: Vec<Vec<u32>> = ids.iter().map(|p| alone(&model, &pool, p, steps)).collect();
+        let want: Vec<Vec<(u32, Vec<u32>)>> =
+            ids.iter().map(|p| alone(&model, &pool, p, steps)).collect();
         // Sequence i joins at step i (continuous batching), so the batch grows, then
         // shrinks as the first ones finish.
         let mut states: Vec<State> = ids
             .iter()
             .map(|_| State::new(&model, *Kernels::best(), &pool, 128).unwrap())
             .collect();
-        let mut got: Vec<Vec<u32>> = vec![vec![]; ids.len()];
+        let mut got: Vec<Vec<(u32, Vec<u32>)>> = vec![vec![]; ids.len()];
         let mut batch = Batch::new(&model, *Kernels::best(), &pool, 128).unwrap();
         for step in 0..steps + ids.len() {
             if step < ids.len() {
@@ -86,7 +92,7 @@ fn batched_decode_is_token_identical_to_decoding_alone() {
                 }
             }
             for &(i, next) in &members {
-                got[i].push(next);
+                got[i].push((next, bits(&states[i].logits[..vocab])));
             }
             let tokens: Vec<u32> = members.iter().map(|m| m.1).collect();
             let mut seqs: Vec<&mut State> = states
@@ -99,7 +105,16 @@ fn batched_decode_is_token_identical_to_decoding_alone() {
                 .decode_step(&model, &pool, &mut seqs, &tokens)
                 .unwrap();
         }
-        assert_eq!(got, want, "{threads} threads");
+        for (i, (got, want)) in got.iter().zip(&want).enumerate() {
+            let step = got.iter().zip(want).position(|(g, w)| g != w);
+            assert!(
+                got.len() == want.len() && step.is_none(),
+                "{threads} threads, sequence {i}: batched decode differs from alone at step \
+                 {step:?} (tokens {:?} vs {:?})",
+                got.iter().map(|g| g.0).collect::<Vec<_>>(),
+                want.iter().map(|w| w.0).collect::<Vec<_>>()
+            );
+        }
     }
 }
 
@@ -389,10 +404,11 @@ fn long_prompts_prefilled_between_decode_steps_match_alone() {
     // what the same request gets alone.
     let dir = tempfile::tempdir().unwrap();
     let path = default_model(dir.path());
-    // A context and budget long enough that the first stream cannot end during the test.
+    // A context (the model's 1024 positions) and budget long enough that the first stream
+    // does not end during the test.
     let server = Server::start(
         &path,
-        &["--parallel", "3", "--ctx", "50000", "--max-tokens", "50000"],
+        &["--parallel", "3", "--ctx", "1024", "--max-tokens", "50000"],
     );
     let long = |topic: &str| {
         format!("The little dog ran to the {topic} and saw a big red ball there. ").repeat(24)
@@ -487,7 +503,8 @@ fn malformed_requests_get_openai_errors() {
 fn a_dropped_stream_frees_its_slot_and_a_full_server_answers_429() {
     let dir = tempfile::tempdir().unwrap();
     let path = default_model(dir.path());
-    // A context and budget long enough that the first stream cannot end during the test.
+    // A context (the model's 1024 positions) and budget long enough that the first stream
+    // does not end during the test.
     let server = Server::start(
         &path,
         &[
@@ -496,7 +513,7 @@ fn a_dropped_stream_frees_its_slot_and_a_full_server_answers_429() {
             "--queue",
             "0",
             "--ctx",
-            "50000",
+            "1024",
             "--max-tokens",
             "50000",
         ],

@@ -6,8 +6,9 @@
 //! prefill it alone with [`Model::forward`], then hand it to [`Batch::decode_step`] along
 //! with the others. Sequences join and leave between steps (continuous batching). The
 //! numerics are those of `Model::forward` on one token: the same per-token quantization,
-//! exact integer products, the same attention and head, so a sequence's greedy output in a
-//! batch is token-identical to its output alone.
+//! exact integer products, the same attention and head (for each sequence, the head GEMM
+//! does exactly the GEMV's f32 operations), so a sequence's logits in a batch are bit for
+//! bit its logits alone.
 
 use crate::model::{Caches, Model, State, PREFILL_CHUNK};
 use crate::pool::Pool;
@@ -15,10 +16,6 @@ use crate::reference::NoProbe;
 use crate::InferError;
 
 /// Working memory shared by the sequences of a decode step.
-/// Head rows read together by every sequence of a step: a multiple of the 16-row groups the
-/// head is split in, and small enough to stay in L2 (32 bf16 rows of 2560: 160 KiB).
-const HEAD_GROUP_ROWS: usize = 32;
-
 pub struct Batch {
     /// Scratch buffers (activations, attention scores) for up to [`Batch::max`] tokens.
     work: State,
@@ -128,20 +125,12 @@ impl Batch {
         };
         pool.run_chunks(&mut self.head[..n * vocab], 16 * n, parts, |_, r, out| {
             let rows = r.start / n..r.end / n;
-            let len = rows.len();
-            // A piece is megabytes of head: run every sequence over one small group of rows
-            // at a time, so the group is read from memory once and then from L2.
-            // One sequence streams its piece whole (the GEMV prefetches ahead).
-            let step = if n == 1 { len.max(1) } else { HEAD_GROUP_ROWS };
-            for g in rows.clone().step_by(step) {
-                let group = g..(g + step).min(rows.end);
-                let at = group.start - rows.start;
-                for t in 0..n {
-                    let out = &mut out[t * len + at..t * len + at + group.len()];
-                    model
-                        .head
-                        .gemv(&kernels, group.clone(), &x[t * h..(t + 1) * h], out);
-                }
+            // One sequence streams its piece (the GEMV prefetches ahead); several read each
+            // row of the head once for all of them.
+            if n == 1 {
+                model.head.gemv(&kernels, rows, &x[..h], out);
+            } else {
+                model.head.gemm(&kernels, rows, &x[..n * h], n, out);
             }
         });
         for (t, st) in seqs.iter_mut().enumerate() {

@@ -85,10 +85,11 @@ pub fn serve(
     }
     let file = TernFile::open(path)?;
     let meta = file.metadata();
-    let ctx = config
-        .ctx
-        .unwrap_or(meta.config.max_position_embeddings as usize)
-        .max(1);
+    let ctx = match config.ctx {
+        // Bounded like every command's --ctx: the model's positions, the machine's memory.
+        Some(ctx) => tern_infer::limits::check_ctx(&meta.config, ctx, config.threads, "--ctx")?,
+        None => meta.config.max_position_embeddings as usize,
+    };
     let tokenizer = tokenizer_from_file(&file)?;
     let token = |id: Option<u32>| {
         id.and_then(|i| tokenizer.id_to_token(i))

@@ -184,6 +184,7 @@ type Q8GemvFn = unsafe fn(&[u8], usize, &[f32], &mut [f32]);
 type AttendFn = unsafe fn(AttendShape, &[f32], &[f32], &[f32], &mut [f32], &mut [f32]);
 type DenseU16Fn = unsafe fn(&[u16], usize, &[f32], &mut [f32]);
 type DenseF32Fn = unsafe fn(&[f32], usize, &[f32], &mut [f32]);
+type DenseGemmU16Fn = unsafe fn(&[u16], usize, &[f32], usize, &mut [f32]);
 
 /// The kernel table for one ISA. Cheap to copy; build it with [`Kernels::best`],
 /// [`Kernels::select`] or [`Kernels::for_isa`].
@@ -199,6 +200,8 @@ pub struct Kernels {
     tq1_gemm: GemmFn,
     q8_gemv: Q8GemvFn,
     bf16_gemv: DenseU16Fn,
+    /// `None`: [`Kernels::bf16_gemm`] runs `bf16_gemv` per token over small groups of rows.
+    bf16_gemm: Option<DenseGemmU16Fn>,
     f16_gemv: DenseU16Fn,
     f32_gemv: DenseF32Fn,
     attend: AttendFn,
@@ -280,6 +283,7 @@ impl Kernels {
                 tq1_gemm: scalar::tq1_gemm,
                 q8_gemv: scalar::q8_gemv,
                 bf16_gemv: scalar::bf16_gemv,
+                bf16_gemm: Some(scalar::bf16_gemm),
                 f16_gemv: scalar::f16_gemv,
                 f32_gemv: scalar::f32_gemv,
                 attend: attention::attend,
@@ -297,6 +301,7 @@ impl Kernels {
                     tq1_gemm: avx2::tq1_gemm,
                     q8_gemv: avx2::q8_gemv,
                     bf16_gemv: avx2::bf16_gemv,
+                    bf16_gemm: Some(avx2::bf16_gemm),
                     f16_gemv: avx2::f16_gemv,
                     f32_gemv: avx2::f32_gemv,
                     attend: attention::attend_avx2,
@@ -317,6 +322,7 @@ impl Kernels {
                     tq1_gemm: avx2::tq1_gemm,
                     q8_gemv: avx2::q8_gemv,
                     bf16_gemv: plain::bf16_gemv,
+                    bf16_gemm: None,
                     f16_gemv: plain::f16_gemv,
                     f32_gemv: plain::f32_gemv,
                     attend: attention::attend_avx2,
@@ -347,6 +353,7 @@ impl Kernels {
                     tq1_gemm,
                     q8_gemv: neon::q8_gemv,
                     bf16_gemv: neon::bf16_gemv,
+                    bf16_gemm: None,
                     f16_gemv: neon::f16_gemv,
                     f32_gemv: neon::f32_gemv,
                     attend: attention::attend,
@@ -475,6 +482,35 @@ impl Kernels {
         check_dense(w.len(), cols, x, out);
         // SAFETY: CPU features detected at construction; lengths checked above.
         unsafe { (self.bf16_gemv)(w, cols, x, out) }
+    }
+
+    /// [`Kernels::bf16_gemv`] for `tokens` activation rows at once (the batched head):
+    /// `out[t · rows + r] = Σ_c w[r·cols + c] · x[t·cols + c]`, where `w.len() == rows · cols`,
+    /// `x.len() == tokens · cols`, `out.len() == tokens · rows`. Each token's results are bit
+    /// for bit those of `bf16_gemv` on its row alone; a row's weights are read once for all.
+    pub fn bf16_gemm(&self, w: &[u16], cols: usize, x: &[f32], tokens: usize, out: &mut [f32]) {
+        check_dense_gemm(w.len(), cols, x, tokens, out);
+        if let Some(gemm) = self.bf16_gemm {
+            // SAFETY: CPU features detected at construction; lengths checked above.
+            return unsafe { gemm(w, cols, x, tokens, out) };
+        }
+        if tokens == 0 {
+            return;
+        }
+        // Every token over a group of rows small enough to stay in L2, then the next group.
+        const GROUP: usize = 32;
+        let rows = out.len() / tokens;
+        for g in (0..rows).step_by(GROUP) {
+            let group = g..(g + GROUP).min(rows);
+            for t in 0..tokens {
+                self.bf16_gemv(
+                    &w[group.start * cols..group.end * cols],
+                    cols,
+                    &x[t * cols..(t + 1) * cols],
+                    &mut out[t * rows + group.start..t * rows + group.end],
+                );
+            }
+        }
     }
 
     /// As [`Kernels::bf16_gemv`] for IEEE f16 rows (raw `u16` bits).
@@ -734,6 +770,31 @@ pub(crate) fn check_dense(w_len: usize, cols: usize, x: &[f32], out: &[f32]) {
         Some(w_len),
         out.len().checked_mul(cols),
         "dense gemv: w.len() != out.len() * cols"
+    );
+}
+
+#[inline]
+#[track_caller]
+pub(crate) fn check_dense_gemm(w_len: usize, cols: usize, x: &[f32], tokens: usize, out: &[f32]) {
+    assert_eq!(
+        Some(x.len()),
+        tokens.checked_mul(cols),
+        "dense gemm: x.len() != tokens * cols"
+    );
+    // No tokens: no rows to compute, whatever `w` holds.
+    let Some(rows) = out.len().checked_div(tokens) else {
+        assert!(out.is_empty(), "dense gemm: out.len() != 0 for 0 tokens");
+        return;
+    };
+    assert_eq!(
+        out.len(),
+        rows * tokens,
+        "dense gemm: out.len() is not a multiple of tokens"
+    );
+    assert_eq!(
+        Some(w_len),
+        rows.checked_mul(cols),
+        "dense gemm: w.len() != rows * cols"
     );
 }
 

@@ -6,8 +6,8 @@
 //! a reader rejects when verifying) gives the same result on every ISA, as if `t = 2`.
 
 use super::{
-    check_dense, check_gemm, check_q8_gemv, check_quantize, check_tq1_gemv, check_tq2_gemv,
-    q8_stride, GemmShape, QuantRow, TQ1, TQ2,
+    check_dense, check_dense_gemm, check_gemm, check_q8_gemv, check_quantize, check_tq1_gemv,
+    check_tq2_gemv, q8_stride, GemmShape, QuantRow, TQ1, TQ2,
 };
 use tern_format::{tq1, tq2};
 
@@ -181,6 +181,19 @@ fn dense_gemv<T: Copy>(w: &[T], cols: usize, x: &[f32], out: &mut [f32], conv: i
 /// Reference [`super::Kernels::bf16_gemv`].
 pub fn bf16_gemv(w: &[u16], cols: usize, x: &[f32], out: &mut [f32]) {
     dense_gemv(w, cols, x, out, bf16_to_f32);
+}
+
+/// Reference [`super::Kernels::bf16_gemm`]: [`bf16_gemv`] token by token.
+pub fn bf16_gemm(w: &[u16], cols: usize, x: &[f32], tokens: usize, out: &mut [f32]) {
+    check_dense_gemm(w.len(), cols, x, tokens, out);
+    if tokens == 0 {
+        return;
+    }
+    let rows = out.len() / tokens;
+    for t in 0..tokens {
+        let ot = &mut out[t * rows..(t + 1) * rows];
+        bf16_gemv(w, cols, &x[t * cols..(t + 1) * cols], ot);
+    }
 }
 
 /// Reference [`super::Kernels::f16_gemv`].

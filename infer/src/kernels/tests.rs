@@ -635,6 +635,111 @@ fn dense_gemv_special_values() {
     }
 }
 
+/// A bf16 value of random sign and mantissa with an exponent in `2^-lo..2^hi` around 1,
+/// or zero of either sign one time in eight.
+fn bf16_bits(rng: &mut Rng, lo: u32, hi: u32) -> u16 {
+    let v = rng.next_u64();
+    let sign = ((v & 1) as u16) << 15;
+    if v % 8 == 1 {
+        return sign;
+    }
+    let exp = 127 - lo + (v >> 8) as u32 % (lo + hi + 1);
+    sign | (exp as u16) << 7 | ((v >> 32) as u16 & 0x7f)
+}
+
+/// The bf16 GEMM of every variant is, for each token, bit for bit its own `bf16_gemv`:
+/// column counts around the 16- and 8-column steps and the column chunks, row counts around
+/// the row blocks, 1 to 13 tokens (several token tiles), values over wide exponent ranges.
+#[test]
+fn bf16_gemm_is_gemv_per_token() {
+    let mut rng = Rng::new(0xbf16);
+    let cols_list = [
+        0, 1, 5, 7, 8, 9, 15, 16, 17, 23, 24, 31, 40, 100, 680, 1030, 2083,
+    ];
+    let mut cases = 0;
+    for k in variants() {
+        for &cols in &cols_list {
+            let rows = rng.range(1, 40);
+            let tokens_list: &[usize] = if cols > 200 {
+                &[1, 4, 7]
+            } else {
+                &[1, 2, 3, 4, 5, 6, 7, 8, 13]
+            };
+            // Narrow exponents for most shapes, wide (2^-60..2^60) for some: sums that lose
+            // bits to rounding show any change in the order of operations.
+            let (lo, hi) = if cols % 2 == 0 { (4, 4) } else { (60, 60) };
+            let w: Vec<u16> = (0..rows * cols)
+                .map(|_| bf16_bits(&mut rng, lo, hi))
+                .collect();
+            for &tokens in tokens_list {
+                let x: Vec<f32> = (0..tokens * cols)
+                    .map(|_| scalar::bf16_to_f32(bf16_bits(&mut rng, lo, hi)) * 1.37)
+                    .collect();
+                let mut got = vec![f32::NAN; tokens * rows];
+                k.bf16_gemm(&w, cols, &x, tokens, &mut got);
+                for t in 0..tokens {
+                    let mut want = vec![f32::NAN; rows];
+                    k.bf16_gemv(&w, cols, &x[t * cols..(t + 1) * cols], &mut want);
+                    for r in 0..rows {
+                        let g = got[t * rows + r];
+                        assert_eq!(
+                            g.to_bits(),
+                            want[r].to_bits(),
+                            "{} cols={cols} rows={rows} tokens={tokens}: token {t} row {r}: \
+                             gemm {g}, gemv {}",
+                            k.variant(),
+                            want[r]
+                        );
+                    }
+                }
+                cases += 1;
+            }
+        }
+    }
+    assert!(cases > 0);
+}
+
+/// Rows that are long enough to span several column chunks and row blocks of the SIMD GEMM,
+/// with all-zero rows and tokens (signed zeros must come out as `bf16_gemv` gives them).
+#[test]
+fn bf16_gemm_zeros_and_blocks() {
+    let mut rng = Rng::new(7);
+    let (rows, cols) = (35, 4096 + 16 + 8 + 3);
+    let mut w: Vec<u16> = (0..rows * cols)
+        .map(|_| bf16_bits(&mut rng, 8, 8))
+        .collect();
+    w[..cols].fill(0x8000); // row 0: -0.0
+    w[5 * cols..6 * cols].fill(0); // row 5: +0.0
+    for k in variants() {
+        for tokens in [2, 6] {
+            let mut x: Vec<f32> = (0..tokens * cols)
+                .map(|_| scalar::bf16_to_f32(bf16_bits(&mut rng, 8, 8)))
+                .collect();
+            x[cols..2 * cols].fill(0.0); // token 1: zeros
+            let mut got = vec![f32::NAN; tokens * rows];
+            k.bf16_gemm(&w, cols, &x, tokens, &mut got);
+            for t in 0..tokens {
+                let mut want = vec![f32::NAN; rows];
+                k.bf16_gemv(&w, cols, &x[t * cols..(t + 1) * cols], &mut want);
+                let got: Vec<u32> = got[t * rows..(t + 1) * rows]
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect();
+                let want: Vec<u32> = want.iter().map(|v| v.to_bits()).collect();
+                assert_eq!(got, want, "{} tokens={tokens} token {t}", k.variant());
+            }
+        }
+    }
+}
+
+#[test]
+#[should_panic(expected = "dense gemm")]
+fn bf16_gemm_rejects_short_output() {
+    let k = scalar_kernels();
+    let mut out = vec![0.0; 5];
+    k.bf16_gemm(&[0; 6], 2, &[0.0; 4], 2, &mut out);
+}
+
 // ---- dispatch ----------------------------------------------------------------------------------
 
 #[test]
