@@ -43,8 +43,13 @@ fn bits(logits: &[f32]) -> Vec<u32> {
 #[test]
 fn batched_decode_is_bit_identical_to_decoding_alone() {
     let dir = tempfile::tempdir().unwrap();
-    let path = default_model(dir.path());
-    let file = TernFile::open(&path).unwrap();
+    batched_equals_alone(&default_model(dir.path()));
+    // Dense linears (modules_to_not_convert) and an untied bf16 head.
+    batched_equals_alone(&convert("llama-dense-linears", dir.path()));
+}
+
+fn batched_equals_alone(path: &Path) {
+    let file = TernFile::open(path).unwrap();
     let model = Model::load(&file).unwrap();
     let vocab = model.config.vocab_size as usize;
     let tokenizer = tern_infer::generate::tokenizer_from_file(&file).unwrap();
