@@ -698,5 +698,12 @@ fn map_file(file: &File) -> std::io::Result<memmap2::Mmap> {
     // truncates or rewrites the file while it is mapped, reads may fault (SIGBUS) or see
     // new bytes; that is the documented contract of reading a .tern file (docs/format.md):
     // files are written to a temporary name and renamed, never modified in place.
-    unsafe { memmap2::Mmap::map(file) }
+    let map = unsafe { memmap2::Mmap::map(file) }?;
+    // Pages read in from now on come in 2 MiB folios where the kernel can, mapped with one
+    // huge-page entry each: decode walks every weight page once per token, and 4 KiB pages
+    // cost it a third of its speed (docs/performance.md). Only advice: a kernel without
+    // transparent huge pages refuses it, and the mapping works as before.
+    #[cfg(target_os = "linux")]
+    let _ = map.advise(memmap2::Advice::HugePage);
+    Ok(map)
 }

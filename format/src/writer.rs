@@ -1,5 +1,5 @@
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufWriter, Seek, SeekFrom, Write};
+use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -29,7 +29,7 @@ struct Slot {
 /// dropping an unfinished writer deletes it, and the next writer to the same target
 /// removes what a killed one left.
 pub struct Writer {
-    out: Option<BufWriter<File>>,
+    out: Option<ChunkWriter<File>>,
     tmp_path: PathBuf,
     path: PathBuf,
     prefix: Vec<u8>,
@@ -146,7 +146,7 @@ impl Writer {
             .open(&tmp_path)
             .map_err(io)?;
         let mut writer = Writer {
-            out: Some(BufWriter::with_capacity(1 << 20, file)),
+            out: Some(ChunkWriter::new(file)),
             tmp_path: tmp_path.clone(),
             path: path.to_path_buf(),
             prefix,
@@ -308,7 +308,7 @@ impl Writer {
             source,
         };
         let out = self.out.take().expect("writer used after finish");
-        let mut file = out.into_inner().map_err(|e| io(e.into_error()))?;
+        let mut file = out.into_inner().map_err(io)?;
         if self.rewrite_meta {
             let meta = &self.prefix[HEADER_LEN..HEADER_LEN + self.meta_len];
             file.seek(SeekFrom::Start(HEADER_LEN as u64)).map_err(io)?;
@@ -392,6 +392,48 @@ impl Writer {
     }
 }
 
+/// The size of a huge page on x86-64 and (with 4 KiB base pages) aarch64.
+const HUGE_PAGE: usize = 2 << 20;
+
+/// Hands a file its bytes in whole [`HUGE_PAGE`] chunks at aligned offsets (the last one
+/// excepted). On Linux file systems with large folios (ext4 since 6.16, xfs) the page cache
+/// then holds each chunk as one 2 MiB folio, which the reader's mapping maps with one
+/// huge-page entry: smaller writes leave 4 KiB pages behind, and every decode step walks
+/// the page tables for each of them (measured: decode 35 % faster on 2 MiB pages,
+/// docs/performance.md).
+struct ChunkWriter<W: Write> {
+    file: W,
+    buf: Vec<u8>,
+}
+
+impl<W: Write> ChunkWriter<W> {
+    fn new(file: W) -> ChunkWriter<W> {
+        ChunkWriter {
+            file,
+            buf: Vec::with_capacity(HUGE_PAGE),
+        }
+    }
+
+    fn write_all(&mut self, mut bytes: &[u8]) -> std::io::Result<()> {
+        while !bytes.is_empty() {
+            let k = (HUGE_PAGE - self.buf.len()).min(bytes.len());
+            self.buf.extend_from_slice(&bytes[..k]);
+            bytes = &bytes[k..];
+            if self.buf.len() == HUGE_PAGE {
+                self.file.write_all(&self.buf)?;
+                self.buf.clear();
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes what is buffered and returns the file.
+    fn into_inner(mut self) -> std::io::Result<W> {
+        self.file.write_all(&self.buf)?;
+        Ok(self.file)
+    }
+}
+
 /// How long a temporary file must have gone unmodified before it can be judged stale.
 const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -451,5 +493,47 @@ impl Drop for Writer {
             self.out = None;
             let _ = fs::remove_file(&self.tmp_path);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records the length of every `write` call it is given.
+    #[derive(Default)]
+    struct Calls {
+        bytes: Vec<u8>,
+        lens: Vec<usize>,
+    }
+
+    impl Write for Calls {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.bytes.extend_from_slice(b);
+            self.lens.push(b.len());
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn chunk_writer_hands_on_whole_aligned_huge_pages() {
+        // Pieces of awkward sizes, one larger than a chunk: the file must still receive
+        // whole 2 MiB writes (so each starts at a multiple of 2 MiB) and then the rest.
+        let pieces = [7usize, 4096, 3 * HUGE_PAGE + 5, 1, HUGE_PAGE - 13, 100];
+        let mut w = ChunkWriter::new(Calls::default());
+        let mut expect = Vec::new();
+        for (i, &n) in pieces.iter().enumerate() {
+            let piece: Vec<u8> = (0..n).map(|k| (k * 31 + i) as u8).collect();
+            w.write_all(&piece).unwrap();
+            expect.extend_from_slice(&piece);
+        }
+        let calls = w.into_inner().unwrap();
+        assert_eq!(calls.bytes, expect);
+        let (last, whole) = calls.lens.split_last().unwrap();
+        assert!(whole.iter().all(|&n| n == HUGE_PAGE), "{:?}", calls.lens);
+        assert_eq!(*last, expect.len() % HUGE_PAGE);
     }
 }

@@ -72,7 +72,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
     };
     let steps = threads.len() * plan.rounds * (2 + plan.contexts.len());
     let bar = super::count_bar(args.quiet || args.json, "benchmarking", steps as u64);
-    let probe = ReadProbe::new(usize::try_from(args.probe_mib << 20)?);
+    let probe = ReadProbe::new(usize::try_from(args.probe_mib << 20)?).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot allocate the {} MiB read-bandwidth probe (--probe-mib): {e}",
+            args.probe_mib
+        )
+    })?;
     let mut runs = Vec::new();
     for &t in &threads {
         runs.push(measure(
