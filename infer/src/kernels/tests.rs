@@ -393,6 +393,23 @@ fn tq2_gemv_extreme_sums_and_empty() {
                     "{} nb={nb} {tf:?}",
                     k.variant()
                 );
+                // The GEMM's i16 partial sums meet the same extremes, for every tile size.
+                for tokens in [1usize, 4, 8] {
+                    let qs = q.repeat(tokens);
+                    let sh = GemmShape {
+                        blocks: nb,
+                        rows,
+                        tokens,
+                        q_stride: nb * 128,
+                    };
+                    let mut got = vec![0i32; rows * tokens];
+                    k.tq2_gemm(&w, sh, &qs, &vec![q_sum; tokens], &mut got);
+                    assert!(
+                        got.iter().all(|&v| v == expect),
+                        "gemm {} nb={nb} tokens={tokens} {tf:?}",
+                        k.variant()
+                    );
+                }
             }
         }
     }
