@@ -27,7 +27,7 @@ pub use config::{
 pub use error::{Error, Problem, TensorProblem};
 pub use layout::Layout;
 pub use reader::{file_kind, parse, ChecksumMismatch, Parsed, TensorInfo, TernFile};
-pub use writer::{TensorSpec, Writer};
+pub use writer::{ChunkWriter, TensorSpec, Writer};
 
 /// The 8 magic bytes every `.tern` file starts with.
 pub const MAGIC: [u8; 8] = *b"TERN\r\n\x1a\n";

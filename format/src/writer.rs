@@ -400,21 +400,21 @@ const HUGE_PAGE: usize = 2 << 20;
 /// then holds each chunk as one 2 MiB folio, which the reader's mapping maps with one
 /// huge-page entry: smaller writes leave 4 KiB pages behind, and every decode step walks
 /// the page tables for each of them (measured: decode 35 % faster on 2 MiB pages,
-/// docs/performance.md).
-struct ChunkWriter<W: Write> {
+/// docs/performance.md). tern's GGUF export writes through it too.
+pub struct ChunkWriter<W: Write> {
     file: W,
     buf: Vec<u8>,
 }
 
 impl<W: Write> ChunkWriter<W> {
-    fn new(file: W) -> ChunkWriter<W> {
+    pub fn new(file: W) -> ChunkWriter<W> {
         ChunkWriter {
             file,
             buf: Vec::with_capacity(HUGE_PAGE),
         }
     }
 
-    fn write_all(&mut self, mut bytes: &[u8]) -> std::io::Result<()> {
+    pub fn write_all(&mut self, mut bytes: &[u8]) -> std::io::Result<()> {
         while !bytes.is_empty() {
             let k = (HUGE_PAGE - self.buf.len()).min(bytes.len());
             self.buf.extend_from_slice(&bytes[..k]);
@@ -428,7 +428,7 @@ impl<W: Write> ChunkWriter<W> {
     }
 
     /// Writes what is buffered and returns the file.
-    fn into_inner(mut self) -> std::io::Result<W> {
+    pub fn into_inner(mut self) -> std::io::Result<W> {
         self.file.write_all(&self.buf)?;
         Ok(self.file)
     }

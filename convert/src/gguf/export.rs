@@ -4,12 +4,13 @@
 //! tensors in row chunks, to a temporary file renamed into place at the end.
 
 use std::fs::File;
-use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
 use serde::Serialize;
-use tern_format::{expected_tensors, Activation, Architecture, Layout, TensorRole, TernFile};
+use tern_format::{
+    expected_tensors, Activation, Architecture, ChunkWriter, Layout, TensorRole, TernFile,
+};
 
 use super::import::{gguf_name, permuted_row};
 use super::reader::{encode_str, Value, DEFAULT_ALIGNMENT, MAGIC};
@@ -418,12 +419,13 @@ pub fn export(
         source: e,
     };
     let mut out = TempFile { path: tmp.clone() };
-    let mut file = BufWriter::with_capacity(1 << 20, File::create(&tmp).map_err(io)?);
+    // Whole 2 MiB chunks, so the engines' mappings of the new file get 2 MiB pages.
+    let mut file = ChunkWriter::new(File::create(&tmp).map_err(io)?);
     // Reading and converting overlap with writing: a writer thread takes the pieces in order
     // (two in flight, so memory stays a few tensors' worth).
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(2);
     let produced = std::thread::scope(|scope| {
-        let writer = scope.spawn(move || -> std::io::Result<BufWriter<File>> {
+        let writer = scope.spawn(move || -> std::io::Result<ChunkWriter<File>> {
             for piece in rx {
                 file.write_all(&piece)?;
             }
@@ -439,7 +441,7 @@ pub fn export(
         (Err(e), _) => return Err(e),
         (Ok(()), Ok(w)) => w,
     };
-    let f = writer.into_inner().map_err(|e| io(e.into_error()))?;
+    let f = writer.into_inner().map_err(io)?;
     f.sync_all().map_err(io)?;
     drop(f);
     std::fs::rename(&tmp, output).map_err(crate::error::io(output))?;
