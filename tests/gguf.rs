@@ -45,6 +45,10 @@ fn every_vector_imports_and_verifies_exactly() {
         let out = dir.path().join(format!("{name}.tern"));
         tern_ok(&["convert", s(&gguf), "-o", s(&out), "--quiet"]);
         tern_ok(&["inspect", s(&out), "--check"]);
+        // --verify needs the checkpoint a GGUF does not name: refused, not skipped.
+        let other = dir.path().join(format!("{name}.v.tern"));
+        let err = tern_fails(&["convert", s(&gguf), "-o", s(&other), "--verify"], 2);
+        assert!(err.contains("--verify") && !other.exists(), "{err}");
         let report = tern_ok(&["verify", s(&gguf), "--source", s(&checkpoint())]);
         assert!(report.starts_with("FAITHFUL"), "{name}: {report}");
         assert!(

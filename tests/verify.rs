@@ -435,6 +435,20 @@ fn convert_verify_checks_the_file_it_wrote() {
     ]);
     assert!(out.exists());
     assert!(said.contains("verified: FAITHFUL"), "{said}");
+    // With --json the verdict is in the one document a script reads.
+    let json = tern_ok(&[
+        "convert",
+        src.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--verify",
+        "--force",
+        "--json",
+    ]);
+    let doc: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(doc["verify"]["faithful"], true, "{json}");
+    assert_eq!(doc["verify"]["failures"], serde_json::json!([]), "{json}");
+    assert!(doc["tensors"].as_u64().unwrap() > 0, "{json}");
 }
 
 #[test]

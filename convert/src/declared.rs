@@ -628,6 +628,20 @@ impl Declared {
                 })
             }
         };
+        // transformers builds BitNet's attention sub-norm over hidden_size and applies it to
+        // the heads' output, so a model whose heads do not add up to hidden_size is built
+        // but fails in its first forward: there is nothing faithful to convert.
+        if sub_norms != SubNorms::None && head_dim.checked_mul(heads) != Some(hidden_size) {
+            return Err(ConvertError::Field {
+                file: c.file.into(),
+                field: "head_dim".into(),
+                problem: format!(
+                    "{head_dim} × num_attention_heads {heads} ≠ hidden_size {hidden_size}: \
+                     the attention sub-norm has hidden_size weights, and transformers' \
+                     forward of such a model fails"
+                ),
+            });
+        }
         let max_pos = match c.u64("max_position_embeddings")? {
             Some(m) => m,
             None => {

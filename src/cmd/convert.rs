@@ -123,28 +123,41 @@ pub fn run(args: Args) -> Result<ExitCode> {
         e => e.into(),
     })?;
     bar.finish_and_clear();
-    if args.verify {
-        let failures = verify_output(&args, &source)?;
-        if !failures.is_empty() {
-            eprintln!(
-                "error: {} is NOT FAITHFUL to {}:",
-                args.output.display(),
-                source.display()
+    let failures = match args.verify {
+        true => Some(verify_output(&args, &source)?),
+        false => None,
+    };
+    let faithful = failures.as_ref().is_none_or(|f| f.is_empty());
+    if args.json {
+        // One document for scripts: the report, and the verdict when one was asked for.
+        let mut doc = serde_json::to_value(&report)?;
+        if let Some(f) = &failures {
+            doc["verify"] = serde_json::json!({ "faithful": faithful, "failures": f });
+        }
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else if let Some(f) = failures.as_ref().filter(|f| !f.is_empty()) {
+        eprintln!(
+            "error: {} is NOT FAITHFUL to {}:",
+            args.output.display(),
+            source.display()
+        );
+        for f in f {
+            eprintln!("  {f}");
+        }
+    } else {
+        print_report(&args, &report);
+        if args.verify && !args.quiet {
+            println!(
+                "verified: FAITHFUL (weights exact against the source, every layer within the \
+                 limits against the reference forward)"
             );
-            for f in &failures {
-                eprintln!("  {f}");
-            }
-            return Ok(ExitCode::from(1));
         }
     }
-    let code = print_report(&args, &report)?;
-    if args.verify && !args.quiet && !args.json {
-        println!(
-            "verified: FAITHFUL (weights exact against the source, every layer within the \
-             limits against the reference forward)"
-        );
-    }
-    Ok(code)
+    Ok(if faithful {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 /// `tern convert MODEL.gguf -o M.tern`.
@@ -153,6 +166,12 @@ fn import_gguf(args: &Args, ternary: tern_convert::TernaryFormat) -> Result<Exit
     let Some(i2s_layout) = parse_i2s_layout(&args.i2s_layout) else {
         bail!("--i2s-layout {:?}: x86 or arm", args.i2s_layout);
     };
+    if args.verify {
+        bail!(
+            "--verify checks a conversion against its Hugging Face checkpoint, which a GGUF \
+             input does not name (`tern verify FILE.gguf --source DIR` checks a GGUF against one)"
+        );
+    }
     let activation = args.activation.map(Act::activation);
     let exact_head = matches!(head_format(args), tern_convert::HeadFormat::Exact);
     if !exact_head || args.weight_scale.is_some() || args.revision.is_some() {
@@ -174,14 +193,16 @@ fn import_gguf(args: &Args, ternary: tern_convert::TernaryFormat) -> Result<Exit
         bar.set_position(done);
     })?;
     bar.finish_and_clear();
-    print_report(args, &report)
-}
-
-fn print_report(args: &Args, report: &tern_convert::Report) -> Result<ExitCode> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
-        return Ok(ExitCode::SUCCESS);
+    } else {
+        print_report(args, &report);
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The human-readable report (`--json` prints the report as a document instead).
+fn print_report(args: &Args, report: &tern_convert::Report) {
     for w in &report.warnings {
         eprintln!("warning: {w}");
     }
@@ -197,7 +218,6 @@ fn print_report(args: &Args, report: &tern_convert::Report) -> Result<ExitCode> 
             report.seconds,
         );
     }
-    Ok(ExitCode::SUCCESS)
 }
 
 /// `tern verify --source` on the file just written; its failures.

@@ -347,6 +347,28 @@ fn sub_norms_must_match_the_class() {
 }
 
 #[test]
+fn bitnet_heads_must_add_up_to_hidden_size() {
+    // transformers builds such a BitNet (its sub-norm has hidden_size weights) but its
+    // forward fails. (A Llama has no sub-norm: its head_dim may differ, fixtures hold one.)
+    let bitnet = with(
+        base_config("BitNetForCausalLM"),
+        "quantization_config",
+        quant(Some("autobitlinear"), None),
+    );
+    let odd = with(bitnet.clone(), "head_dim", json!(24));
+    let err = read(&odd, packed, &BITNET_SUB_NORMS, &Overrides::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("head_dim") && err.contains("hidden_size") && err.contains("sub-norm"),
+        "{err}"
+    );
+    let even = with(bitnet, "head_dim", json!(H / 2));
+    let d = read(&even, packed, &BITNET_SUB_NORMS, &Overrides::default()).unwrap();
+    assert_eq!(d.config.head_dim, H / 2);
+}
+
+#[test]
 fn activation_and_biases_come_from_the_config() {
     let llama = with(
         base_config("LlamaForCausalLM"),
