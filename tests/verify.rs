@@ -425,26 +425,16 @@ fn convert_verify_checks_the_file_it_wrote() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("m.tern");
     let src = fixture("bitnet-2b4t-h128");
-    let said = tern_ok(&[
-        "convert",
-        src.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--verify",
-        "--force",
-    ]);
+    let (src, out_s) = (src.to_str().unwrap(), out.to_str().unwrap());
+    let convert = |extra: &[&str]| {
+        let args = [&["convert", src, "-o", out_s, "--verify", "--force"], extra].concat();
+        tern_ok(&args)
+    };
+    let said = convert(&[]);
     assert!(out.exists());
     assert!(said.contains("verified: FAITHFUL"), "{said}");
     // With --json the verdict is in the one document a script reads.
-    let json = tern_ok(&[
-        "convert",
-        src.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--verify",
-        "--force",
-        "--json",
-    ]);
+    let json = convert(&["--json"]);
     let doc: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(doc["verify"]["faithful"], true, "{json}");
     assert_eq!(doc["verify"]["failures"], serde_json::json!([]), "{json}");
