@@ -470,7 +470,7 @@ impl TernFile {
     /// The fraction of the file mapped with 2 MiB page-table entries, from
     /// `/proc/self/smaps` (`None` where there is none): of the pages touched so far, so ask
     /// after reading the weights. Decode walks every weight page once per token, and on
-    /// 4 KiB pages that costs it up to a third of its speed (docs/performance.md).
+    /// 4 KiB pages that costs it up to a quarter of its speed (docs/performance.md).
     pub fn huge_page_fraction(&self) -> Option<f64> {
         let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
         pmd_mapped_bytes(&smaps, self.map.as_ptr() as usize)
@@ -732,7 +732,7 @@ fn map_file(file: &File) -> std::io::Result<memmap2::Mmap> {
     let map = unsafe { memmap2::Mmap::map(file) }?;
     // Pages read in from now on come in 2 MiB folios where the kernel can, mapped with one
     // huge-page entry each: decode walks every weight page once per token, and 4 KiB pages
-    // cost it a third of its speed (docs/performance.md). Only advice: a kernel without
+    // cost it up to a quarter of its speed (docs/performance.md). Only advice: a kernel without
     // transparent huge pages refuses it, and the mapping works as before.
     #[cfg(target_os = "linux")]
     let _ = map.advise(memmap2::Advice::HugePage);

@@ -399,7 +399,7 @@ const HUGE_PAGE: usize = 2 << 20;
 /// excepted). On Linux file systems with large folios (ext4 since 6.16, xfs) the page cache
 /// then holds each chunk as one 2 MiB folio, which the reader's mapping maps with one
 /// huge-page entry: smaller writes leave 4 KiB pages behind, and every decode step walks
-/// the page tables for each of them (measured: decode 35 % faster on 2 MiB pages,
+/// the page tables for each of them (measured: decode 17–38 % faster on 2 MiB pages,
 /// docs/performance.md). tern's GGUF export writes through it too.
 pub struct ChunkWriter<W: Write> {
     file: W,
